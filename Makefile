@@ -1,0 +1,35 @@
+# Everything runs inside a local virtual environment (.venv) built from requirements/dev.txt.
+# `make demo` runs the main job, `make test` the test suite; both set themselves up first.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+JOBS ?= $(shell nproc)
+SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
+
+.PHONY: demo test bench install clean
+
+demo: install
+	$(PY) -m dla_fused demo
+
+test: install
+	$(PY) -m pytest tests -q
+
+bench: install
+	$(PY) -m pytest benchmarks -q
+
+install: $(VENV)/.installed
+
+$(VENV)/.deps: requirements/dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements/dev.txt
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.deps $(SOURCES)
+	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -v -e . 2>&1 \
+		| grep -E '\[dla_fused\]|rror' || true
+	$(PY) -c "import torch, dla_fused._C"
+	touch $@
+
+clean:
+	rm -rf build dist *.egg-info dla_fused/*.so $(VENV)

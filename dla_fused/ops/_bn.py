@@ -1,0 +1,119 @@
+"""The 1x1-projection + BatchNorm part that both fused ops share (DESIGN.md section 5).
+
+`P` is a backend's primitives namespace (dla_fused.backend). Optional `group` is a
+torch.distributed process group: statistics and backward sums are combined across it, like
+nn.SyncBatchNorm.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .primitives import acc_dtype
+
+
+def pixel_count(x: Tensor) -> int:
+    return x.shape[0] * x.shape[2] * x.shape[3]
+
+
+def affine(bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor, eps: float
+           ) -> Tuple[Tensor, Tensor, Tensor]:
+    """BatchNorm as y = scale * z + shift: returns (scale, shift, invstd)."""
+    invstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(mean.dtype) * invstd
+    return scale, bn_bias.to(mean.dtype) - mean * scale, invstd
+
+
+def combine_stats(group, mean: Tensor, var: Tensor, count: int) -> Tuple[Tensor, Tensor, int]:
+    """Batch mean / biased variance over all ranks of `group`, merged with Chan's formula from
+    each rank's (count, mean, var) so that large means do not cancel."""
+    import torch.distributed as dist
+    world = dist.get_world_size(group)
+    local = torch.cat([mean, var, mean.new_full((1,), float(count))])
+    gathered = [torch.empty_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local, group=group)
+    stacked = torch.stack(gathered)
+    c = mean.numel()
+    means, variances, counts = stacked[:, :c], stacked[:, c:2 * c], stacked[:, 2 * c:]
+    total = counts.sum()
+    global_mean = (means * counts).sum(0) / total
+    m2 = (variances * counts).sum(0) + ((means - global_mean) ** 2 * counts).sum(0)
+    return global_mean, m2 / total, int(total.item())
+
+
+def allreduce_sum_(group, *tensors: Tensor) -> None:
+    import torch.distributed as dist
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat, group=group)
+    start = 0
+    for t in tensors:
+        t.copy_(flat[start:start + t.numel()].view_as(t))
+        start += t.numel()
+
+
+def product_with_stats(P, children: List[Tensor], weight2d: Tensor, group
+                       ) -> Tuple[Tensor, Tensor, Tensor, int]:
+    """z = W x (never concatenated) with its batch mean and biased variance per channel."""
+    z, mean, var = P.agg_conv(children, weight2d, None, None, False, True)
+    count = pixel_count(children[0])
+    if group is not None:
+        mean, var, count = combine_stats(group, mean, var, count)
+    return z, mean, var, count
+
+
+def recompute_product(P, children: List[Tensor], weight2d: Tensor) -> Tensor:
+    return P.agg_conv(children, weight2d, None, None, False, False)[0]
+
+
+def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor], weight2d: Tensor,
+             bn_weight: Tensor, mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
+             residual: bool, group=None, count: Optional[int] = None, bn_grads: bool = True,
+             z: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+    """Gradients of y = relu(bn(W x) (+ x_0)) given dL/dy = `grad`, with the ReLU mask taken from
+    `mask_src > 0` (None: `grad` is already masked). Recomputes z = W x from the children instead
+    of having it saved (or takes it as `z`; either way that buffer is overwritten). `count` is the
+    number of pixels the batch statistics were taken over (all ranks of `group`; default: this
+    batch's). Returns (grad children, grad W (2-D), grad gamma,
+    grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them."""
+    scale, _, invstd = affine(bn_weight, torch.zeros_like(mean), mean, var, eps)
+    need_z = batch_stats or bn_grads
+    if need_z:
+        if z is None:
+            z = recompute_product(P, children, weight2d)
+        sum_g, sum_gz = P.agg_backward_reduce(grad, mask_src, z, mean)
+        if group is not None and batch_stats:
+            allreduce_sum_(group, sum_g, sum_gz)
+    elif z is None:
+        z = torch.empty_like(grad)
+    if batch_stats:
+        # dz = scale * (g - mean(g) - xhat * mean(g xhat)), xhat = (z - mean) * invstd, so
+        # dz = scale * g + z_coef * (z - mean) + bias with the per-channel coefficients below.
+        count = pixel_count(children[0]) if count is None else count
+        P.agg_backward_dz_(z, grad, mask_src, scale, -scale * invstd * invstd * sum_gz / count,
+                           -scale * sum_g / count, mean)
+    else:
+        P.agg_backward_dz_(z, grad, mask_src, scale, None, None, None)
+    residual_grad = (grad, mask_src) if residual else (None, None)
+    grad_children, grad_weight = P.agg_backward_gemm(z, children, weight2d, *residual_grad)
+    if not need_z:
+        return grad_children, grad_weight, None, None
+    return grad_children, grad_weight, sum_gz * invstd, sum_g
+
+
+def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         num_batches_tracked: Optional[Tensor], momentum: Optional[float],
+                         mean: Tensor, var: Tensor, count: int) -> None:
+    """running <- (1 - m) running + m batch, with the unbiased variance; momentum None is the
+    cumulative average 1 / num_batches_tracked, as in nn.BatchNorm2d."""
+    if running_mean is None:
+        return
+    with torch.no_grad():
+        if num_batches_tracked is not None:
+            num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / num_batches_tracked.to(running_mean.dtype)
+        else:
+            factor = momentum
+        unbiased = var * (count / max(count - 1, 1))
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)
