@@ -5,7 +5,6 @@ from typing import Callable, Dict, List, NamedTuple
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from .centernet import (CenterNet, IDAConv, ModulatedDeformConv2d, SumDLAUp, SumIDAUp,
                         centernet_dla34, centernet_dla34_dcn)
 from .dla import (CONFIGS, DLA, DLA34, DLA46_C, DLA46X_C, DLA60, DLA60X, DLA60X_C, DLA102, DLA102X,
@@ -53,6 +52,7 @@ def create_model(name: str, pretrained=None, num_classes=None, **kwargs) -> nn.M
         kwargs["num_classes"] = num_classes
     model = _MODELS[name](**kwargs)
     if pretrained is not None:
+        from ..checkpoint import load_checkpoint  # here: checkpoint imports this package
         load_checkpoint(model, pretrained)
     return model
 
