@@ -1,0 +1,312 @@
+"""The aggregation node: relu(bn(conv1x1(concat(children))) (+ children[0])), fused.
+
+Top to bottom: the plain-PyTorch reference (the spec) -> the custom ops `dla_fused::aggregation_node`
+and its backward, with fake kernels and autograd -> the synchronised-statistics variant -> the
+functional API (checks, autocast, running statistics, backend choice) -> the module.
+
+What the fused op saves for backward: the children and weights (already alive), its output (alive)
+and four per-channel vectors. The conv output z is recomputed from the children in backward; the
+concatenation is never materialised (the product is a sum of per-child products).
+"""
+from typing import List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .. import backend
+from . import _bn, _checks
+from .primitives import acc_dtype, memory_format_of
+
+MAX_CHILDREN_PER_KERNEL = 8
+
+
+# ---------------------------------------------------------------------------------------------
+# Reference (the spec every backend is tested against)
+# ---------------------------------------------------------------------------------------------
+def aggregation_node_reference(children: Sequence[Tensor], weight: Tensor, bn_weight: Tensor,
+                               bn_bias: Tensor, running_mean: Optional[Tensor] = None,
+                               running_var: Optional[Tensor] = None,
+                               num_batches_tracked: Optional[Tensor] = None, training: bool = True,
+                               momentum: Optional[float] = 0.1, eps: float = 1e-5,
+                               residual: bool = False) -> Tensor:
+    """cat -> conv1x1 -> BatchNorm (nn.BatchNorm2d's semantics) -> (+ children[0]) -> ReLU."""
+    z = F.conv2d(torch.cat(list(children), dim=1), weight, padding=(weight.shape[-1] - 1) // 2)
+    factor = 0.0 if momentum is None else momentum
+    if training and num_batches_tracked is not None:
+        num_batches_tracked.add_(1)
+        if momentum is None:
+            factor = 1.0 / float(num_batches_tracked)
+    y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
+                     training or running_mean is None, factor, eps)
+    if residual:
+        y = y + children[0]
+    return torch.relu(y)
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops
+# ---------------------------------------------------------------------------------------------
+def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+             running_mean: Optional[Tensor], running_var: Optional[Tensor], batch_stats: bool,
+             eps: float, residual: bool, group=None) -> Tuple[Tensor, Tensor, Tensor, int]:
+    weight2d = weight.flatten(1)
+    res = children[0] if residual else None
+    if batch_stats:
+        # Training: the product is written once, then normalised in place (no extra buffer).
+        out, mean, var, count = _bn.product_with_stats(P, children, weight2d, group)
+        scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        P.agg_apply_(out, scale, shift, res)
+        return out, mean, var, count
+    # Eval: BatchNorm folded into the weights, one GEMM with a bias + residual + ReLU epilogue.
+    acc = acc_dtype(weight.dtype)
+    mean, var = running_mean.to(acc), running_var.to(acc)
+    scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+    folded = (weight2d.to(acc) * scale[:, None]).to(weight.dtype)
+    out = P.agg_conv(children, folded, shift, res, True, False)[0]
+    return out, mean.clone(), var.clone(), _bn.pixel_count(children[0])
+
+
+@torch.library.custom_op("dla_fused::aggregation_node", mutates_args=())
+def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                         running_mean: Optional[Tensor], running_var: Optional[Tensor],
+                         batch_stats: bool, eps: float, residual: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor]:
+    """Returns (out, mean, var): the statistics used (the batch's when batch_stats, else copies of
+    the running ones). Running statistics are not touched here: the caller updates them once."""
+    P = backend.primitives_for(children[0].device)
+    out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                 batch_stats, eps, residual)
+    return out, mean, var
+
+
+@_aggregation_node_op.register_fake
+def _(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual):
+    x = children[0]
+    out = torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype,
+                      device=x.device, memory_format=memory_format_of(x))
+    stats = x.new_empty((weight.shape[0],), dtype=acc_dtype(x.dtype))
+    return out, stats, torch.empty_like(stats)
+
+
+@torch.library.custom_op("dla_fused::aggregation_node_backward", mutates_args=())
+def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[Tensor], weight: Tensor,
+                                  bn_weight: Tensor, mean: Tensor, var: Tensor, batch_stats: bool,
+                                  eps: float, residual: bool, bn_grads: bool
+                                  ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
+    P = backend.primitives_for(out.device)
+    grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
+    grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
+                                                 mean, var, eps, batch_stats, residual, bn_grads=bn_grads)
+    if grad_g is None:
+        grad_g = grad_b = mean.new_zeros(mean.shape)
+    return grads, grad_w.view_as(weight), grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
+
+
+@_aggregation_node_backward_op.register_fake
+def _(grad_out, out, children, weight, bn_weight, mean, var, batch_stats, eps, residual, bn_grads):
+    return ([torch.empty_like(c) for c in children], torch.empty_like(weight),
+            torch.empty_like(bn_weight), torch.empty_like(bn_weight))
+
+
+def _setup_context(ctx, inputs, output):
+    children, weight, bn_weight, _, _, _, batch_stats, eps, residual = inputs
+    out, mean, var = output
+    ctx.mark_non_differentiable(mean, var)
+    ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
+    ctx.args = (batch_stats, eps, residual)
+
+
+def _backward(ctx, grad_out, _grad_mean, _grad_var):
+    out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
+    batch_stats, eps, residual = ctx.args
+    bn_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
+    grads, grad_w, grad_g, grad_b = torch.ops.dla_fused.aggregation_node_backward(
+        grad_out, out, children, weight, bn_weight, mean, var, batch_stats, eps, residual, bn_grads)
+    return grads, grad_w, grad_g, grad_b, None, None, None, None, None
+
+
+_aggregation_node_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _SyncAggregationNode(torch.autograd.Function):
+    """The same computation with statistics and backward sums combined over a process group."""
+
+    @staticmethod
+    def forward(ctx, group, weight, bn_weight, bn_bias, eps, residual, *children):
+        P = backend.primitives_for(children[0].device)
+        out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, None, None,
+                                         True, eps, residual, group)
+        ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
+        ctx.args = (group, eps, residual, count)
+        ctx.mark_non_differentiable(mean, var)
+        return out, mean, var, torch.tensor(count)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
+        out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
+        group, eps, residual, count = ctx.args
+        P = backend.primitives_for(out.device)
+        grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
+        grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1),
+                                                     bn_weight, mean, var, eps, True, residual,
+                                                     group=group, count=count)
+        return (None, grad_w.view_as(weight), grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype),
+                None, None, *grads)
+
+
+# ---------------------------------------------------------------------------------------------
+# Functional API
+# ---------------------------------------------------------------------------------------------
+def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
+              momentum, eps, residual) -> None:
+    if isinstance(children, Tensor) or not isinstance(children, (list, tuple)) or not children:
+        raise TypeError("children must be a non-empty list or tuple of 4-D tensors")
+    names = [f"children[{i}]" for i in range(len(children))]
+    for name, child in zip(names, children):
+        _checks.activation(name, child)
+    for name, child in zip(names[1:], children[1:]):
+        _checks.same_dtype_device(name, child, "children[0]", children[0])
+    _checks.same_batch_and_size(names, children)
+    _checks.tensor("weight", weight, dims=4)
+    _checks.same_dtype_device("weight", weight, "children[0]", children[0])
+    total = sum(c.shape[1] for c in children)
+    if weight.shape[1:] != (total, 1, 1):
+        raise ValueError(f"weight must have shape (C_out, {total}, 1, 1) for children with "
+                         f"{[c.shape[1] for c in children]} channels, got {tuple(weight.shape)}")
+    c_out = weight.shape[0]
+    _checks.vector("bn_weight", bn_weight, c_out, children[0])
+    _checks.vector("bn_bias", bn_bias, c_out, children[0])
+    _checks.batch_norm_args(running_mean, running_var, momentum, eps, c_out, children[0])
+    if residual and children[0].shape[1] != c_out:
+        raise ValueError(f"residual=True needs children[0] with {c_out} channels (the output's), "
+                         f"got {children[0].shape[1]}")
+    if batch_stats:
+        _checks.more_than_one_value(children[0], "children[0]")
+
+
+def _merge_tail(children: List[Tensor], weight: Tensor) -> List[Tensor]:
+    """Kernels take at most MAX_CHILDREN_PER_KERNEL children; beyond that the tail is concatenated
+    (the only case where a concat is materialised)."""
+    if len(children) <= MAX_CHILDREN_PER_KERNEL:
+        return children
+    head = MAX_CHILDREN_PER_KERNEL - 1
+    return children[:head] + [torch.cat(children[head:], dim=1)]
+
+
+def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                     running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
+                     num_batches_tracked: Optional[Tensor] = None, training: bool = True,
+                     momentum: Optional[float] = 0.1, eps: float = 1e-5, residual: bool = False,
+                     process_group=None) -> Tensor:
+    """Fused aggregation node: ``relu(bn(conv1x1(cat(children))) (+ children[0] if residual))``.
+
+    Args:
+        children: 1 or more tensors (N, C_i, H, W), same N, H, W, dtype and device; float16,
+            bfloat16, float32 or float64 (CPU kernels: float32/float64); NCHW or channels_last
+            (the output takes children[0]'s layout).
+        weight: the 1x1 conv weight (C_out, sum C_i, 1, 1), the children's dtype.
+        bn_weight, bn_bias: BatchNorm affine parameters (C_out,), any float dtype.
+        running_mean, running_var, num_batches_tracked: BatchNorm buffers, updated in place once
+            per call in training (momentum None: cumulative average), or None (then batch
+            statistics are used in eval too, like BatchNorm with track_running_stats=False).
+        training: batch statistics (True) or running statistics folded into the weights (False).
+        residual: add children[0] (needs C_0 == C_out) before the ReLU.
+        process_group: combine statistics over this torch.distributed group (like SyncBatchNorm).
+
+    Returns (N, C_out, H, W) in the children's dtype. Under torch.autocast the children and weight
+    are cast to the autocast dtype. Saved for backward: the children, weight, output and four
+    per-channel vectors; the conv output is recomputed in backward. Every input error raises
+    before any state changes.
+    """
+    children = list(children) if isinstance(children, (list, tuple)) else children
+    if isinstance(children, list) and children and isinstance(children[0], Tensor):
+        device_type = children[0].device.type
+        if torch.is_autocast_enabled(device_type):
+            dtype = torch.get_autocast_dtype(device_type)
+            children = [c.to(dtype) for c in children]
+            weight = weight.to(dtype)
+    batch_stats = training or running_mean is None
+    _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
+              momentum, eps, residual)
+    backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
+    if len(children) > MAX_CHILDREN_PER_KERNEL:
+        children = _merge_tail(children, weight)
+    if process_group is not None and batch_stats:
+        out, mean, var, count = _SyncAggregationNode.apply(process_group, weight, bn_weight, bn_bias,
+                                                           eps, residual, *children)
+        count = int(count)
+    else:
+        out, mean, var = torch.ops.dla_fused.aggregation_node(
+            children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual)
+        count = _bn.pixel_count(children[0])
+    if training:
+        _bn.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Module
+# ---------------------------------------------------------------------------------------------
+class AggregationNode(nn.Module):
+    """Drop-in fused DLA `Root`: parameters `conv.weight` and `bn.*` exactly as the reference
+    module, so state dicts move both ways. forward(*children) -> relu(bn(conv(cat)) (+ x_0)).
+
+    `in_channels` is the total input channel count, or a list of per-child counts (then checked
+    on every call). A kernel size other than 1 cannot be fused and runs the reference path.
+    `process_group` (optional) synchronises batch statistics like nn.SyncBatchNorm.
+    """
+
+    def __init__(self, in_channels: Union[int, Sequence[int]], out_channels: int, kernel_size: int = 1,
+                 residual: bool = False, process_group=None, momentum: Optional[float] = 0.1,
+                 eps: float = 1e-5):
+        super().__init__()
+        self.child_channels = None if isinstance(in_channels, int) else [int(c) for c in in_channels]
+        total = in_channels if isinstance(in_channels, int) else sum(self.child_channels)
+        self.conv = nn.Conv2d(total, out_channels, kernel_size, stride=1, bias=False,
+                              padding=(kernel_size - 1) // 2)
+        self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
+        self.residual = residual
+        self.process_group = process_group
+
+    @classmethod
+    def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: bool = False,
+                     process_group=None) -> "AggregationNode":
+        """Wrap an existing bias-free Conv2d and BatchNorm2d (their parameters are shared)."""
+        if conv.bias is not None or conv.groups != 1 or conv.stride != (1, 1):
+            raise ValueError("conv must be a bias-free, ungrouped, stride-1 Conv2d to be fused")
+        if bn.num_features != conv.out_channels:
+            raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} outputs")
+        node = cls.__new__(cls)
+        nn.Module.__init__(node)
+        node.child_channels, node.conv, node.bn = None, conv, bn
+        node.residual, node.process_group = residual, process_group
+        return node
+
+    def to_modules(self) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
+        """The plain (conv, bn) pair, sharing this module's parameters."""
+        return self.conv, self.bn
+
+    @property
+    def fused(self) -> bool:
+        return self.conv.kernel_size == (1, 1) and self.conv.groups == 1 and self.bn.affine
+
+    def forward(self, *children: Tensor) -> Tensor:
+        if len(children) == 1 and isinstance(children[0], (list, tuple)):  # timm passes one list
+            children = tuple(children[0])
+        if self.child_channels is not None:
+            got = [c.shape[1] if isinstance(c, Tensor) and c.dim() == 4 else None for c in children]
+            if got != self.child_channels:
+                raise ValueError(f"expected children with channels {self.child_channels}, got {got}")
+        bn = self.bn
+        if not self.fused:
+            return aggregation_node_reference(children, self.conv.weight, bn.weight, bn.bias,
+                                              bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                                              bn.training, bn.momentum, bn.eps, self.residual)
+        return aggregation_node(children, self.conv.weight, bn.weight, bn.bias, bn.running_mean,
+                                bn.running_var, bn.num_batches_tracked, bn.training, bn.momentum,
+                                bn.eps, self.residual, self.process_group)
+
+    def extra_repr(self) -> str:
+        return f"residual={self.residual}" + ("" if self.fused else ", reference path (kernel_size != 1)")

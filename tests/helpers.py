@@ -1,0 +1,62 @@
+"""Shared test utilities: backends to run, tolerances, DLA root shapes."""
+import functools
+
+import torch
+
+from dla_fused import backend
+
+# Backends that must work on this (CPU) machine; the CUDA ones are tested in test_cuda.py.
+CPU_BACKENDS = ("reference", "cpu", "triton")
+
+# Tolerance rule (flash-attention's): the fused result's error against a float64 reference may be
+# at most twice the error of PyTorch's own same-dtype path, plus this relative floor.
+FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def use_backend(name: str) -> None:
+    reasons = backend.not_supported_reasons(name, "cpu") if name != "reference" else []
+    assert not reasons, f"backend {name} must be usable on CPU here: {reasons}"
+    backend.set_backend(name)
+
+
+def assert_within_rule(actual, reference64, same_dtype, what=""):
+    """|actual - ref64| <= 2 |same_dtype - ref64| + floor * max|ref64|, elementwise max."""
+    actual, reference64 = actual.detach(), reference64.detach()
+    assert actual.shape == reference64.shape, f"{what}: shape {actual.shape} != {reference64.shape}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    scale = reference64.abs().max().item() or 1.0
+    err = (actual.double() - reference64.double()).abs().max().item()
+    base = (same_dtype.detach().double() - reference64.double()).abs().max().item()
+    bound = 2 * base + FLOOR[actual.dtype] * scale
+    assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (PyTorch same-dtype error {base:.3g})"
+
+
+def assert_close(actual, expected, what="", rel=None):
+    """Relative max-norm comparison with a per-dtype tolerance."""
+    actual, expected = actual.detach(), expected.detach()
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert torch.isfinite(actual).all(), f"{what}: non-finite values"
+    rel = rel if rel is not None else {torch.float64: 1e-10, torch.float32: 1e-4}.get(actual.dtype, 2e-2)
+    scale = expected.abs().max().item() or 1.0
+    err = (actual.double() - expected.double()).abs().max().item()
+    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:.1g} x {scale:.3g}"
+
+
+@functools.lru_cache(maxsize=None)
+def dla_root_shapes():
+    """Every distinct aggregation-node configuration of the ten DLA variants, found by running
+    each model once: tuples (child channel counts, out channels, residual)."""
+    from dla_fused.models import create_model
+    from dla_fused.models.dla import Root
+    found = set()
+    for name in ("dla34", "dla46_c", "dla46x_c", "dla60x_c", "dla60", "dla60x", "dla102", "dla102x",
+                 "dla102x2", "dla169"):
+        model = create_model(name).eval()
+        hooks = [m.register_forward_pre_hook(
+            lambda mod, args: found.add((tuple(a.shape[1] for a in args), mod.conv.out_channels, mod.residual)))
+            for m in model.modules() if isinstance(m, Root)]
+        with torch.no_grad():
+            model(torch.randn(1, 3, 32, 32))
+        for h in hooks:
+            h.remove()
+    return sorted(found)

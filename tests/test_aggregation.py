@@ -1,0 +1,348 @@
+"""The fused aggregation node against its plain-PyTorch reference, on every CPU backend."""
+import copy
+
+import pytest
+import torch
+from hypothesis import given, settings, strategies as st
+
+from dla_fused import backend
+from dla_fused.ops.aggregation import AggregationNode, aggregation_node, aggregation_node_reference
+from dla_fused.ops.primitives import memory_format_of
+from helpers import CPU_BACKENDS, assert_close, assert_within_rule, dla_root_shapes, use_backend
+
+
+def make_inputs(channels, out, dtype=torch.float32, size=(3, 5), batch=2, layout=None, seed=None):
+    g = torch.Generator().manual_seed(seed) if seed is not None else None
+    children = []
+    for i, c in enumerate(channels):
+        x = torch.randn(batch, c, *size, generator=g, dtype=torch.float64)
+        fmt = layout[i % len(layout)] if layout else torch.contiguous_format
+        children.append(x.to(dtype).contiguous(memory_format=fmt).requires_grad_())
+    weight = (torch.randn(out, sum(channels), 1, 1, generator=g, dtype=torch.float64) / sum(channels) ** 0.5)
+    params = dict(weight=weight.to(dtype).requires_grad_(),
+                  bn_weight=(torch.rand(out, generator=g, dtype=torch.float64) + 0.5).float().requires_grad_(),
+                  bn_bias=torch.randn(out, generator=g, dtype=torch.float64).float().requires_grad_())
+    buffers = dict(running_mean=torch.randn(out, generator=g) * 0.1,
+                   running_var=torch.rand(out, generator=g) + 0.5,
+                   num_batches_tracked=torch.tensor(3))
+    return children, params, buffers
+
+
+def run_both(children, params, buffers, training, residual, momentum=0.1):
+    """Fused and reference forward + backward from identical inputs; returns both results."""
+    results = []
+    for fn in (aggregation_node, aggregation_node_reference):
+        kids = [c.detach().clone().requires_grad_() for c in children]
+        ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+        bufs = copy.deepcopy(buffers)
+        out = fn(kids, ps["weight"], ps["bn_weight"], ps["bn_bias"], bufs["running_mean"], bufs["running_var"],
+                 bufs["num_batches_tracked"], training=training, momentum=momentum, eps=1e-5, residual=residual)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype)
+        grads = torch.autograd.grad(out, kids + list(ps.values()), grad)
+        results.append((out, grads, bufs))
+    return results
+
+
+def check_against_reference(children, params, buffers, training, residual, momentum=0.1):
+    (out, grads, bufs), (ref, ref_grads, ref_bufs) = run_both(children, params, buffers, training, residual, momentum)
+    assert memory_format_of(out) == memory_format_of(children[0]), "output must take children[0]'s layout"
+    assert_close(out, ref, "output")
+    names = [f"grad children[{i}]" for i in range(len(children))] + ["grad weight", "grad gamma", "grad beta"]
+    for name, g, r in zip(names, grads, ref_grads):
+        assert_close(g, r, name)
+    for key in ("running_mean", "running_var"):
+        assert_close(bufs[key], ref_bufs[key], key)
+    assert bufs["num_batches_tracked"].item() == ref_bufs["num_batches_tracked"].item()
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_every_dla_root_shape(backend_name):
+    """All distinct roots of the ten DLA variants (spatially shrunk), training and eval."""
+    use_backend(backend_name)
+    for channels, out, residual in dla_root_shapes():
+        children, params, buffers = make_inputs(channels, out, size=(3, 2))
+        for training in (True, False):
+            check_against_reference(children, params, buffers, training, residual)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("n_children", [1, 2, 7])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+def test_children_residual_training(backend_name, n_children, residual, training):
+    use_backend(backend_name)
+    channels = [9, 5, 3, 6, 4, 7, 2][:n_children]
+    children, params, buffers = make_inputs(channels, 9, size=(5, 7))
+    check_against_reference(children, params, buffers, training, residual)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("layouts", [(torch.channels_last,), (torch.channels_last, torch.contiguous_format)],
+                         ids=["channels_last", "mixed"])
+def test_layouts(backend_name, layouts):
+    use_backend(backend_name)
+    children, params, buffers = make_inputs([6, 4, 5], 6, size=(5, 3), layout=layouts)
+    check_against_reference(children, params, buffers, True, True)
+    # a non-contiguous child (a strided slice)
+    wide = torch.randn(2, 12, 5, 3).requires_grad_()
+    children[1] = wide[:, ::3]
+    check_against_reference(children, params, buffers, True, False)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_momentum_none_and_repeated_calls(backend_name):
+    """Cumulative-average running statistics, updated exactly once per forward."""
+    use_backend(backend_name)
+    children, params, buffers = make_inputs([4, 4], 4)
+    for _ in range(3):
+        check_against_reference(children, params, buffers, True, False, momentum=None)
+        buffers["num_batches_tracked"] += 1
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_statistics_with_large_mean(backend_name):
+    """A channel with mean 100 and std 1 still gets the right variance (no E[z^2] - E[z]^2)."""
+    use_backend(backend_name)
+    x = (torch.randn(4, 3, 8, 8) + 100.0)
+    weight = torch.eye(3).view(3, 3, 1, 1)
+    mean, var = torch.zeros(3), torch.ones(3)
+    aggregation_node([x], weight, torch.ones(3), torch.zeros(3), mean, var, None, True, 1.0, 1e-5)
+    x64 = x.double()
+    assert_close(mean, x64.mean((0, 2, 3)).float(), "mean", rel=1e-5)
+    assert_close(var, x64.var((0, 2, 3)).float(), "variance", rel=1e-3)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("residual", [False, True])
+def test_gradcheck_float64(backend_name, training, residual):
+    use_backend(backend_name)
+    children, params, buffers = make_inputs([3, 2, 3], 3, dtype=torch.float64, size=(3, 2))
+    bn = {k: v.detach().double().requires_grad_() for k, v in params.items() if k != "weight"}
+    rm, rv = buffers["running_mean"].double(), buffers["running_var"].double()
+
+    def fn(a, b, c, w, gamma, beta):
+        return aggregation_node([a, b, c], w, gamma, beta, rm.clone(), rv.clone(), None, training, 0.1, 1e-5,
+                                residual)
+    assert torch.autograd.gradcheck(fn, (*children, params["weight"], bn["bn_weight"], bn["bn_bias"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("training", [True, False])
+def test_triton_low_precision(dtype, training):
+    """float16 / bfloat16 through the Triton kernels: within 2x PyTorch's own same-dtype error."""
+    use_backend("triton")
+    children, params, buffers = make_inputs([16, 8, 24], 16, size=(5, 6))
+    low = [c.detach().to(dtype).requires_grad_() for c in children]
+    low_params = dict(params, weight=params["weight"].detach().to(dtype).requires_grad_())
+    (out, grads, bufs), (same, same_grads, _) = run_both(low, low_params, buffers, training, True)
+    wide = [c.detach().double().requires_grad_() for c in children]
+    wide_params = {k: v.detach().double().requires_grad_() for k, v in params.items()}
+    wide_bufs = {k: (v.double() if v.is_floating_point() else v) for k, v in buffers.items()}
+    (_, _, _), (ref, ref_grads, ref_bufs) = run_both(wide, wide_params, wide_bufs, training, True)
+    assert_within_rule(out, ref, same, "output")
+    for i, (g, r, s) in enumerate(zip(grads, ref_grads, same_grads)):
+        assert_within_rule(g, r, s, f"gradient {i}")
+    assert_close(bufs["running_var"], ref_bufs["running_var"].float(), "running_var", rel=1e-2)
+
+
+@settings(max_examples=25, deadline=None)
+@given(channels=st.lists(st.integers(1, 12), min_size=1, max_size=8), out=st.integers(1, 12),
+       h=st.integers(1, 6), w=st.integers(1, 6), batch=st.integers(1, 3), residual=st.booleans(),
+       training=st.booleans(), channels_last=st.booleans(), backend_name=st.sampled_from(["cpu", "reference"]))
+def test_property_random_shapes(channels, out, h, w, batch, residual, training, channels_last, backend_name):
+    if batch * h * w < 2:
+        training = False
+    if residual:
+        channels[0] = out
+    use_backend(backend_name)
+    fmt = (torch.channels_last,) if channels_last else None
+    children, params, buffers = make_inputs(channels, out, size=(h, w), batch=batch, layout=fmt)
+    check_against_reference(children, params, buffers, training, residual)
+
+
+@settings(max_examples=6, deadline=None)
+@given(channels=st.lists(st.integers(1, 9), min_size=1, max_size=4), out=st.integers(1, 9),
+       h=st.integers(1, 5), w=st.integers(1, 5), residual=st.booleans())
+def test_property_random_shapes_triton(channels, out, h, w, residual):
+    if residual:
+        channels[0] = out
+    use_backend("triton")
+    children, params, buffers = make_inputs(channels, out, size=(h, w))
+    check_against_reference(children, params, buffers, True, residual)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_opcheck(backend_name):
+    use_backend(backend_name)
+    children, params, buffers = make_inputs([4, 3], 4)
+    for batch_stats in (True, False):
+        torch.library.opcheck(torch.ops.dla_fused.aggregation_node.default,
+                              (children, params["weight"], params["bn_weight"], params["bn_bias"],
+                               buffers["running_mean"], buffers["running_var"], batch_stats, 1e-5, True))
+
+
+def test_compile_fullgraph_matches_eager():
+    """torch.compile(fullgraph=True) over a module of fused roots: no graph breaks, same numbers."""
+    use_backend("cpu")
+
+    class TwoRoots(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = AggregationNode(12, 6, residual=True)
+            self.b = AggregationNode(12, 5)
+
+        def forward(self, x, y):
+            h = self.a(x, y)
+            return self.b(h, x)
+
+    torch.manual_seed(0)
+    eager = TwoRoots()
+    compiled_module = copy.deepcopy(eager)
+    compiled = torch.compile(compiled_module, fullgraph=True)
+    x, y = torch.randn(2, 6, 5, 5), torch.randn(2, 6, 5, 5)
+    for training in (True, False):
+        eager.train(training), compiled_module.train(training)
+        out, ref = compiled(x, y), eager(x, y)
+        assert_close(out, ref, "compiled output")
+        out.sum().backward(), ref.sum().backward()
+    for (name, p), q in zip(eager.named_parameters(), compiled_module.parameters()):
+        assert_close(q.grad, p.grad, f"compiled grad {name}")
+    assert_close(compiled_module.a.bn.running_var, eager.a.bn.running_var, "compiled running_var")
+    assert compiled_module.a.bn.num_batches_tracked.item() == 1
+
+
+def saved_tensors(fn):
+    """Tensors autograd saves while running fn(), as (tensor, data_ptr) pairs."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
+@pytest.mark.parametrize("residual", [False, True])
+def test_saves_only_live_tensors_and_vectors(residual):
+    """Backward recomputes the conv output: the op saves its inputs, its output and per-channel
+    vectors only, and far fewer new bytes than eager."""
+    use_backend("cpu")
+    children, params, buffers = make_inputs([8, 8, 4], 8, size=(6, 6))
+    fused_out, saved = saved_tensors(lambda: aggregation_node(
+        children, params["weight"], params["bn_weight"], params["bn_bias"], buffers["running_mean"].clone(),
+        buffers["running_var"].clone(), None, True, 0.1, 1e-5, residual))
+    live = {t.untyped_storage().data_ptr() for t in children + list(params.values()) + [fused_out]}
+    new = [t for t in saved if t.untyped_storage().data_ptr() not in live]
+    assert all(t.dim() == 1 and t.numel() == 8 for t in new), [tuple(t.shape) for t in new]
+    ref_out, ref_saved = saved_tensors(lambda: aggregation_node_reference(
+        children, params["weight"], params["bn_weight"], params["bn_bias"], buffers["running_mean"].clone(),
+        buffers["running_var"].clone(), None, True, 0.1, 1e-5, residual))
+    ref_live = {t.untyped_storage().data_ptr() for t in children + list(params.values()) + [ref_out]}
+    ref_new = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in ref_saved
+                                                         if t.untyped_storage().data_ptr() not in ref_live}.values())
+    fused_new = sum(t.numel() * t.element_size() for t in new)
+    assert fused_new * 20 < ref_new, (fused_new, ref_new)
+
+
+# --------------------------------------------------------------------------------------------- bad input
+def _good():
+    children, params, buffers = make_inputs([4, 3], 4, size=(3, 3))
+    return dict(children=children, weight=params["weight"], bn_weight=params["bn_weight"],
+                bn_bias=params["bn_bias"], running_mean=buffers["running_mean"],
+                running_var=buffers["running_var"], num_batches_tracked=buffers["num_batches_tracked"],
+                training=True, residual=False)
+
+
+BAD_INPUTS = {
+    "batch mismatch": (lambda a: a["children"].__setitem__(1, torch.randn(3, 3, 3, 3)), ValueError, "batch size"),
+    "spatial mismatch": (lambda a: a["children"].__setitem__(1, torch.randn(2, 3, 3, 4)), ValueError, "spatial"),
+    "dtype mismatch": (lambda a: a["children"].__setitem__(1, torch.randn(2, 3, 3, 3, dtype=torch.float64)),
+                       TypeError, "dtype"),
+    "device mismatch": (lambda a: a["children"].__setitem__(1, torch.randn(2, 3, 3, 3, device="meta")),
+                        ValueError, "device"),
+    "channel sum": (lambda a: a.__setitem__("weight", torch.randn(4, 8, 1, 1)), ValueError, r"\(C_out, 7, 1, 1\)"),
+    "kernel size": (lambda a: a.__setitem__("weight", torch.randn(4, 7, 3, 3)), ValueError, "weight must have shape"),
+    "residual channels": (lambda a: (a.__setitem__("residual", True),
+                                     a.__setitem__("weight", torch.randn(5, 7, 1, 1)),
+                                     a.__setitem__("bn_weight", torch.ones(5)), a.__setitem__("bn_bias", torch.ones(5)),
+                                     a.__setitem__("running_mean", torch.zeros(5)),
+                                     a.__setitem__("running_var", torch.ones(5))), ValueError, "residual"),
+    "one value per channel": (lambda a: (a["children"].__setitem__(0, torch.randn(1, 4, 1, 1)),
+                                         a["children"].__setitem__(1, torch.randn(1, 3, 1, 1))),
+                              ValueError, "more than 1 value"),
+    "integer dtype": (lambda a: a["children"].__setitem__(0, torch.ones(2, 4, 3, 3, dtype=torch.int64)),
+                      TypeError, "floating"),
+    "3-D child": (lambda a: a["children"].__setitem__(0, torch.randn(4, 3, 3)), ValueError, "4-D"),
+    "bn_weight length": (lambda a: a.__setitem__("bn_weight", torch.ones(5)), ValueError, "bn_weight must have 4"),
+    "children not a list": (lambda a: a.__setitem__("children", torch.randn(2, 7, 3, 3)), TypeError, "list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_raises_before_any_change(case):
+    use_backend("cpu")
+    args = _good()
+    mutate, error, message = BAD_INPUTS[case]
+    mutate(args)
+    before = {k: args[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked")}
+    with pytest.raises(error, match=message):
+        aggregation_node(**args)
+    for k, v in before.items():
+        assert torch.equal(args[k], v), f"{k} changed although the call failed"
+
+
+def test_backend_that_cannot_serve_the_device():
+    args = _good()
+    before = args["running_mean"].clone()
+    backend.set_backend("cuda")
+    with pytest.raises(backend.BackendError, match="cuda backend runs on CUDA tensors"):
+        aggregation_node(**args)
+    assert torch.equal(args["running_mean"], before)
+    with pytest.raises(backend.BackendError, match="backend must be one of"):
+        backend.set_backend("tpu")
+
+
+def test_module_state_dict_matches_reference_root():
+    from dla_fused.models.dla import Root
+    ref = Root(12, 6, 1, True)
+    fused = AggregationNode(12, 6, residual=True)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    fused.load_state_dict(ref.state_dict())
+    ref.load_state_dict(fused.state_dict())
+
+
+def test_module_kernel_size_3_runs_reference_path():
+    node = AggregationNode(6, 4, kernel_size=3)
+    assert not node.fused and "reference path" in repr(node)
+    x = torch.randn(2, 3, 5, 5)
+    expected = aggregation_node_reference([x, x], node.conv.weight, node.bn.weight, node.bn.bias,
+                                          node.bn.running_mean.clone(), node.bn.running_var.clone(), None, True)
+    assert_close(node(x, x), expected, "3x3 root")
+
+
+def test_synchronised_statistics_single_process_group():
+    """process_group with one rank gives exactly the unsynchronised result."""
+    import torch.distributed as dist
+    use_backend("cpu")
+    if not dist.is_initialized():
+        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29511", rank=0, world_size=1)
+    try:
+        children, params, buffers = make_inputs([4, 4], 4)
+        outs = []
+        for group in (None, dist.group.WORLD):
+            kids = [c.detach().clone().requires_grad_() for c in children]
+            ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+            bufs = copy.deepcopy(buffers)
+            out = aggregation_node(kids, ps["weight"], ps["bn_weight"], ps["bn_bias"], bufs["running_mean"],
+                                   bufs["running_var"], None, True, 0.1, 1e-5, True, process_group=group)
+            out.square().sum().backward()
+            outs.append((out, [k.grad for k in kids] + [p.grad for p in ps.values()], bufs))
+        (a, ga, ba), (b, gb, bb) = outs
+        assert_close(b, a, "synced output")
+        for x, y in zip(gb, ga):
+            assert_close(x, y, "synced grad")
+        assert_close(bb["running_var"], ba["running_var"], "synced running_var")
+    finally:
+        dist.destroy_process_group()
