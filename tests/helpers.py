@@ -32,14 +32,16 @@ def assert_within_rule(actual, reference64, same_dtype, what=""):
 
 
 def assert_close(actual, expected, what="", rel=None):
-    """Relative max-norm comparison with a per-dtype tolerance."""
+    """Max-norm comparison relative to the largest expected value, with a per-dtype tolerance and
+    an absolute floor (for results that cancel to nearly zero, e.g. BatchNorm over 2 values)."""
     actual, expected = actual.detach(), expected.detach()
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
     assert torch.isfinite(actual).all(), f"{what}: non-finite values"
     rel = rel if rel is not None else {torch.float64: 1e-10, torch.float32: 1e-4}.get(actual.dtype, 2e-2)
     scale = expected.abs().max().item() or 1.0
     err = (actual.double() - expected.double()).abs().max().item()
-    assert err <= rel * scale, f"{what}: max error {err:.3g} > {rel:.1g} x {scale:.3g}"
+    floor = {torch.float64: 1e-12}.get(actual.dtype, 1e-6)
+    assert err <= rel * scale + floor, f"{what}: max error {err:.3g} > {rel:.1g} x {scale:.3g} + {floor:.0e}"
 
 
 @functools.lru_cache(maxsize=None)

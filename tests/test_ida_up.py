@@ -13,21 +13,23 @@ ARG_NAMES = ("x", "proj_weight", "bn_weight", "bn_bias", "up_weight", "skip")
 
 
 def make_inputs(c_in, c_out, factor, proj=True, skip=True, size=(7, 5), batch=2, dtype=torch.float32,
-                channels_last=False):
+                channels_last=False, device="cpu"):
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     channels = c_out if proj else c_in
     h, w = (upsampled_size(s, factor) for s in size) if factor > 1 else size
     t = lambda *shape: torch.randn(*shape, dtype=torch.float64)  # noqa: E731
+    vec = torch.float64 if dtype == torch.float64 else torch.float32  # BatchNorm's parameter dtype
     args = dict(x=t(batch, c_in, *size).to(dtype).contiguous(memory_format=fmt),
                 proj_weight=(t(c_out, c_in, 1, 1) / c_in ** 0.5).to(dtype) if proj else None,
-                bn_weight=(torch.rand(c_out) + 0.5) if proj else None,
-                bn_bias=torch.randn(c_out) if proj else None,
+                bn_weight=(torch.rand(c_out, dtype=vec) + 0.5) if proj else None,
+                bn_bias=torch.randn(c_out, dtype=vec) if proj else None,
                 up_weight=(t(channels, 1, 2 * factor, 2 * factor) / factor).to(dtype) if factor > 1 else None,
                 skip=t(batch, channels, h, w).to(dtype) if skip else None)
-    buffers = dict(running_mean=torch.randn(c_out) * 0.1 if proj else None,
-                   running_var=torch.rand(c_out) + 0.5 if proj else None,
+    buffers = dict(running_mean=torch.randn(c_out, dtype=vec) * 0.1 if proj else None,
+                   running_var=torch.rand(c_out, dtype=vec) + 0.5 if proj else None,
                    num_batches_tracked=torch.tensor(0))
-    return args, buffers
+    move = lambda t: None if t is None else t.to(device)  # noqa: E731
+    return {k: move(v) for k, v in args.items()}, {k: move(v) for k, v in buffers.items()}
 
 
 def run_both(args, buffers, factor, training):
@@ -37,7 +39,7 @@ def run_both(args, buffers, factor, training):
         bufs = copy.deepcopy(buffers)
         out = fn(a["x"], a["proj_weight"], a["bn_weight"], a["bn_bias"], bufs["running_mean"], bufs["running_var"],
                  bufs["num_batches_tracked"], training, 0.1, 1e-5, a["up_weight"], factor, a["skip"])
-        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out.dtype)
+        grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64).to(out)
         inputs = [a[k] for k in ARG_NAMES if a[k] is not None]
         results.append((out, dict(zip([k for k in ARG_NAMES if a[k] is not None],
                                       torch.autograd.grad(out, inputs, grad))), bufs))
@@ -116,23 +118,27 @@ def test_triton_low_precision(dtype, training):
 @settings(max_examples=25, deadline=None)
 @given(c_in=st.integers(1, 9), c_out=st.integers(1, 9), factor=st.sampled_from([1, 2, 3, 4]),
        h=st.integers(1, 6), w=st.integers(1, 6), batch=st.integers(1, 3), proj=st.booleans(), skip=st.booleans(),
-       training=st.booleans(), channels_last=st.booleans(), backend_name=st.sampled_from(["cpu", "reference"]))
+       training=st.booleans(), channels_last=st.booleans(), backend_name=st.sampled_from(["cpu", "reference"]),
+       seed=st.integers(0, 2**31))
 def test_property_random_shapes(c_in, c_out, factor, h, w, batch, proj, skip, training, channels_last,
-                                backend_name):
+                                backend_name, seed):
+    """Any shape, factor and layout, in float64 (BatchNorm over 2 values cancels too much for float32)."""
     if batch * h * w < 2:
         training = False
     use_backend(backend_name)
+    torch.manual_seed(seed)
     args, buffers = make_inputs(c_in, c_out, factor, proj, skip, size=(h, w), batch=batch,
-                                channels_last=channels_last)
+                                channels_last=channels_last, dtype=torch.float64)
     check_against_reference(args, buffers, factor, training)
 
 
 @settings(max_examples=6, deadline=None)
 @given(c_in=st.integers(1, 6), c_out=st.integers(1, 6), factor=st.sampled_from([2, 3, 4]),
-       h=st.integers(1, 4), w=st.integers(1, 4), proj=st.booleans(), skip=st.booleans())
-def test_property_random_shapes_triton(c_in, c_out, factor, h, w, proj, skip):
+       h=st.integers(1, 4), w=st.integers(1, 4), proj=st.booleans(), skip=st.booleans(), seed=st.integers(0, 2**31))
+def test_property_random_shapes_triton(c_in, c_out, factor, h, w, proj, skip, seed):
     use_backend("triton")
-    args, buffers = make_inputs(c_in, c_out, factor, proj, skip, size=(h, w))
+    torch.manual_seed(seed)
+    args, buffers = make_inputs(c_in, c_out, factor, proj, skip, size=(h, w), dtype=torch.float64)
     check_against_reference(args, buffers, factor, 2 * h * w > 1)
 
 

@@ -90,7 +90,7 @@ def _ida_up_op(x: Tensor, proj_weight: Optional[Tensor], bn_weight: Optional[Ten
                batch_stats: bool, eps: float, up_weight: Optional[Tensor], factor: int,
                skip: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the projection's statistics (empty without projection)."""
-    P = backend.primitives_for(x.device)
+    P = backend.primitives_for(x.device, x.dtype)
     out, mean, var, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
                                  batch_stats, eps, up_weight, factor, skip)
     return out, mean, var
@@ -116,7 +116,7 @@ def _ida_up_backward_op(grad_out: Tensor, x: Tensor, proj_weight: Optional[Tenso
                         bn_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad x, grad proj weight, grad gamma, grad beta, grad up weight), absent ones
     as empty tensors."""
-    P = backend.primitives_for(x.device)
+    P = backend.primitives_for(x.device, x.dtype)
     grads = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_stats, eps,
                       up_weight, factor, bn_grads=bn_grads)
     like = (x, proj_weight, bn_weight, bn_weight, up_weight)
@@ -161,7 +161,7 @@ class _SyncIDAUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, x, proj_weight, bn_weight, bn_bias, eps, up_weight, factor, skip):
-        P = backend.primitives_for(x.device)
+        P = backend.primitives_for(x.device, x.dtype)
         out, mean, var, count = _forward(P, x, proj_weight, bn_weight, bn_bias, None, None, True, eps,
                                          up_weight, factor, skip, group)
         ctx.save_for_backward(x, proj_weight, bn_weight, bn_bias, up_weight, mean, var)
@@ -173,7 +173,7 @@ class _SyncIDAUp(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
         x, proj_weight, bn_weight, bn_bias, up_weight, mean, var = ctx.saved_tensors
         group, eps, factor, count, has_skip = ctx.args
-        P = backend.primitives_for(x.device)
+        P = backend.primitives_for(x.device, x.dtype)
         grad_x, grad_w, grad_g, grad_b, grad_up = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias,
                                                             mean, var, True, eps, up_weight, factor,
                                                             group, count)
@@ -259,7 +259,7 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
     batch_stats = training or running_mean is None
     _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
               up_weight, factor, skip)
-    backend.resolve(x.device)  # raises if the selected backend cannot serve this device
+    backend.resolve(x.device, x.dtype)  # raises if the selected backend cannot serve these
     if process_group is not None and proj_weight is not None and batch_stats:
         out, mean, var, count = _SyncIDAUp.apply(process_group, x, proj_weight, bn_weight, bn_bias, eps,
                                                  up_weight, factor, skip)

@@ -104,7 +104,7 @@ def agg_backward_gemm(dz: Tensor, children: List[Tensor], weight: Tensor,
 def _projected(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor]) -> Tensor:
     acc = acc_dtype(z.dtype)
     if scale is None:
-        return z.to(acc)
+        return z.to(acc, copy=True)  # results never alias inputs
     return torch.relu(z.to(acc) * _vec(scale) + _vec(shift))
 
 
@@ -127,7 +127,7 @@ def ida_upsample(z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
 def ida_upsample_backward(grad_out: Tensor, z: Tensor, scale: Optional[Tensor], shift: Optional[Tensor],
                           up_weight: Optional[Tensor], factor: int) -> Tuple[Tensor, Tensor]:
     p = _projected(z, scale, shift)
-    g = grad_out.to(p.dtype)
+    g = grad_out.to(p.dtype, copy=True)
     if up_weight is None:
         grad_up = z.new_empty(0)
     else:

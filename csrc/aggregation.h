@@ -1,0 +1,263 @@
+// The aggregation-node primitives (schemas in ops.cpp, semantics in dla_fused/ops/primitives.py),
+// written once over a device driver `Loops` (CpuLoops, CudaLoops): the matrix products go through
+// ATen (gemm.h); the per-element math below runs in the hand-written loops of channel_ops.h.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <optional>
+#include <tuple>
+#include <vector>
+
+#include "channel_ops.h"
+#include "checks.h"
+#include "gemm.h"
+#include "kernel_utils.h"
+
+namespace dla_fused {
+
+// y = a * scale + shift + b, then relu (each step optional): the epilogue of agg_conv (no scale)
+// and agg_apply_.
+template <typename acc_t>
+struct AffineOp {
+  const acc_t* scale;
+  const acc_t* shift;
+  bool add_b;
+  bool relu_out;
+
+  C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t a, acc_t b, acc_t) const {
+    acc_t y = scale ? a * scale[c] : a;
+    if (shift) y = y + shift[c];
+    if (add_b) y = y + b;
+    return relu_out ? relu(y) : y;
+  }
+};
+
+// g = a * (b > 0) (a when not masked), then g * scale + z_coef * (z - mean) + bias (each step
+// optional; bias and mean come with z_coef): agg_backward_dz_ and the masked gradient.
+template <typename acc_t>
+struct GradOp {
+  const acc_t* scale;
+  const acc_t* z_coef;
+  const acc_t* bias;
+  const acc_t* mean;
+  bool masked;
+
+  C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t a, acc_t b, acc_t z) const {
+    acc_t g = masked ? a * acc_t(b > acc_t(0)) : a;
+    if (scale) g = g * scale[c];
+    if (z_coef) g = g + z_coef[c] * (z - mean[c]) + bias[c];
+    return g;
+  }
+};
+
+// Batch mean and biased variance of z.
+template <typename acc_t>
+struct MomentsOp {
+  using State = Moments<acc_t>;
+  C10_HOST_DEVICE void operator()(State& s, int64_t, acc_t z, acc_t, acc_t) const { s.add(z); }
+};
+
+template <typename acc_t>
+struct MomentsFinish {
+  acc_t* mean;
+  acc_t* var;
+  C10_HOST_DEVICE void operator()(int64_t, int64_t c, const Moments<acc_t>& s) const {
+    mean[c] = s.mean;
+    var[c] = s.m2 / s.count;
+  }
+};
+
+// sum g and sum g (z - mean), g = grad_out * (out > 0) (grad_out when not masked).
+template <typename acc_t>
+struct GradSumsOp {
+  using State = Sums<acc_t, 2>;
+  const acc_t* mean;
+  bool masked;
+  C10_HOST_DEVICE void operator()(State& s, int64_t c, acc_t grad, acc_t out, acc_t z) const {
+    const acc_t g = masked ? grad * acc_t(out > acc_t(0)) : grad;
+    s.v[0] += g;
+    s.v[1] += g * (z - mean[c]);
+  }
+};
+
+template <typename acc_t>
+struct SumsFinish {
+  acc_t* first;
+  acc_t* second;
+  C10_HOST_DEVICE void operator()(int64_t, int64_t c, const Sums<acc_t, 2>& s) const {
+    first[c] = s.v[0];
+    second[c] = s.v[1];
+  }
+};
+
+template <class Loops>
+struct Aggregation {
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv(at::TensorList children, const at::Tensor& weight,
+                                                             const std::optional<at::Tensor>& shift,
+                                                             const std::optional<at::Tensor>& residual,
+                                                             bool relu, bool stats) {
+    constexpr const char* op = "agg_conv";
+    const int64_t c_out = check_children_and_weight(op, children, weight, at::Tensor());
+    const at::Tensor& x0 = children[0];
+    const int64_t N = x0.size(0), H = x0.size(2), W = x0.size(3);
+    check_channel_vector(op, "shift", shift, c_out, x0);
+    check_activation_like(op, "residual", residual, x0, {N, c_out, H, W});
+    typename Loops::Guard guard(x0);
+
+    const bool cl = is_channels_last(x0);
+    at::Tensor z = conv1x1(children, weight, cl);
+    const auto vec_options = x0.options().dtype(acc_type(x0.scalar_type()));
+    at::Tensor mean = at::empty({stats ? c_out : 0}, vec_options);
+    at::Tensor var = at::empty({stats ? c_out : 0}, vec_options);
+    if (stats) {
+      reduce_channels<Loops>(
+          op, z, {}, {}, cl, [](auto acc) { return MomentsOp<decltype(acc)>{}; },
+          [&](auto acc) {
+            using acc_t = decltype(acc);
+            return MomentsFinish<acc_t>{mean.data_ptr<acc_t>(), var.data_ptr<acc_t>()};
+          });
+    }
+    if (shift || residual || relu) {
+      const at::Tensor res = in_layout(residual, cl);
+      map_channels<Loops>(op, z, z, res, {}, cl, [&](auto acc) {
+        using acc_t = decltype(acc);
+        return AffineOp<acc_t>{nullptr, data_or_null<acc_t>(shift), res.defined(), relu};
+      });
+    }
+    return {z, mean, var};
+  }
+
+  static void apply_(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                     const std::optional<at::Tensor>& residual) {
+    constexpr const char* op = "agg_apply_";
+    check_activation(op, "z", z);
+    Loops::check_dtype(op, z.scalar_type());
+    check_channel_vector(op, "scale", scale, z.size(1), z);
+    check_channel_vector(op, "shift", shift, z.size(1), z);
+    check_activation_like(op, "residual", residual, z, z.sizes().vec());
+    typename Loops::Guard guard(z);
+
+    const bool cl = is_channels_last(z);
+    const at::Tensor work = in_layout(z, cl);
+    const at::Tensor res = in_layout(residual, cl);
+    map_channels<Loops>(op, work, work, res, {}, cl, [&](auto acc) {
+      using acc_t = decltype(acc);
+      return AffineOp<acc_t>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), res.defined(), true};
+    });
+    if (!work.is_same(z)) z.copy_(work);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out,
+                                                            const std::optional<at::Tensor>& out,
+                                                            const at::Tensor& z, const at::Tensor& mean) {
+    constexpr const char* op = "agg_backward_reduce";
+    check_activation(op, "grad_out", grad_out);
+    Loops::check_dtype(op, grad_out.scalar_type());
+    check_activation_like(op, "out", out, grad_out, grad_out.sizes().vec());
+    check_activation_like(op, "z", z, grad_out, grad_out.sizes().vec());
+    const int64_t C = grad_out.size(1);
+    check_channel_vector(op, "mean", mean, C, grad_out);
+    typename Loops::Guard guard(grad_out);
+
+    const bool cl = is_channels_last(grad_out);
+    const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl), zz = in_layout(z, cl);
+    at::Tensor sum_g = at::empty({C}, mean.options());
+    at::Tensor sum_gz = at::empty({C}, mean.options());
+    reduce_channels<Loops>(
+        op, g, o, zz, cl,
+        [&](auto acc) {
+          using acc_t = decltype(acc);
+          return GradSumsOp<acc_t>{mean.data_ptr<acc_t>(), o.defined()};
+        },
+        [&](auto acc) {
+          using acc_t = decltype(acc);
+          return SumsFinish<acc_t>{sum_g.data_ptr<acc_t>(), sum_gz.data_ptr<acc_t>()};
+        });
+    return {sum_g, sum_gz};
+  }
+
+  static void backward_dz_(const at::Tensor& z, const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
+                           const at::Tensor& scale, const std::optional<at::Tensor>& z_coef,
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean) {
+    constexpr const char* op = "agg_backward_dz_";
+    check_activation(op, "z", z);
+    Loops::check_dtype(op, z.scalar_type());
+    check_activation_like(op, "grad_out", grad_out, z, z.sizes().vec());
+    check_activation_like(op, "out", out, z, z.sizes().vec());
+    const int64_t C = z.size(1);
+    check_channel_vector(op, "scale", scale, C, z);
+    check_channel_vector(op, "z_coef", z_coef, C, z);
+    check_channel_vector(op, "bias", bias, C, z);
+    check_channel_vector(op, "mean", mean, C, z);
+    TORCH_CHECK(!z_coef || (bias && mean), "dla_fused::", op, ": z_coef needs bias and mean");
+    typename Loops::Guard guard(z);
+
+    const bool cl = is_channels_last(z);
+    const at::Tensor work = in_layout(z, cl);
+    const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl);
+    map_channels<Loops>(op, work, g, o, z_coef ? work : at::Tensor(), cl, [&](auto acc) {
+      using acc_t = decltype(acc);
+      return GradOp<acc_t>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef), data_or_null<acc_t>(bias),
+                           data_or_null<acc_t>(mean), o.defined()};
+    });
+    if (!work.is_same(z)) z.copy_(work);
+  }
+
+  static std::tuple<std::vector<at::Tensor>, at::Tensor> backward_gemm(const at::Tensor& dz, at::TensorList children,
+                                                                       const at::Tensor& weight,
+                                                                       const std::optional<at::Tensor>& grad_out,
+                                                                       const std::optional<at::Tensor>& out) {
+    constexpr const char* op = "agg_backward_gemm";
+    check_activation(op, "dz", dz);
+    Loops::check_dtype(op, dz.scalar_type());
+    const int64_t c_out = check_children_and_weight(op, children, weight, dz);
+    TORCH_CHECK(c_out == dz.size(1), "dla_fused::", op, ": weight has ", c_out, " rows but dz has ", dz.size(1),
+                " channels");
+    if (grad_out) {
+      check_activation_like(op, ArgName("children", 0), children[0], dz, dz.sizes().vec());
+    }
+    check_activation_like(op, "grad_out", grad_out, dz, dz.sizes().vec());
+    check_activation_like(op, "out", out, dz, dz.sizes().vec());
+    typename Loops::Guard guard(dz);
+
+    const bool cl = is_channels_last(dz);
+    const at::Tensor d = in_layout(dz, cl);
+    at::Tensor first;  // grad_out * (out > 0), onto which the product for children[0] accumulates
+    if (grad_out) {
+      first = at::empty(d.sizes(), d.options().memory_format(memory_format(cl)));
+      const at::Tensor o = in_layout(out, cl);
+      map_channels<Loops>(op, first, in_layout(grad_out, cl), o, {}, cl, [&](auto acc) {
+        using acc_t = decltype(acc);
+        return GradOp<acc_t>{nullptr, nullptr, nullptr, nullptr, o.defined()};
+      });
+    }
+    return conv1x1_backward(d, children, weight, first, cl);
+  }
+
+ private:
+  // Children: 4-D activations like `like` in dtype and device with children[0]'s N, H, W;
+  // weight: (C_out, sum C_i). Returns C_out.
+  static int64_t check_children_and_weight(const char* op, at::TensorList children, const at::Tensor& weight,
+                                           const at::Tensor& like) {
+    TORCH_CHECK(!children.empty(), "dla_fused::", op, ": children must hold at least one tensor");
+    check_activation(op, ArgName("children", 0), children[0]);
+    const at::Tensor& ref = like.defined() ? like : children[0];
+    Loops::check_dtype(op, ref.scalar_type());
+    const at::Tensor& x0 = children[0];
+    int64_t total = 0;
+    for (size_t i = 0; i < children.size(); ++i) {
+      check_activation_like(op, ArgName("children", static_cast<int64_t>(i)), children[i], ref,
+                            {ref.size(0), -1, ref.size(2), ref.size(3)});
+      total += children[i].size(1);
+    }
+    TORCH_CHECK(weight.dim() == 2 && weight.size(1) == total && at::isFloatingType(weight.scalar_type()) &&
+                    weight.device() == x0.device(),
+                "dla_fused::", op, ": weight must be a floating-point (C_out, ", total, ") matrix on ", x0.device(),
+                " (the children have ", total, " channels), got ", weight.scalar_type(), " of shape ", weight.sizes(),
+                " on ", weight.device());
+    return weight.size(0);
+  }
+};
+
+}  // namespace dla_fused
