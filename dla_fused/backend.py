@@ -21,10 +21,6 @@ NAMES = ("auto", "triton", "cuda", "cpu", "reference")
 # Preference of `auto` on CUDA devices, fastest first (benchmarks/RESULTS.md).
 AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
 AUTO_ORDER_CPU = ("cpu", "reference")
-_ALL_FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-# Activation dtypes each backend's kernels take (`auto` skips a backend that cannot take a dtype).
-DTYPES = {"cpu": (torch.float32, torch.float64), "cuda": _ALL_FLOATS, "triton": _ALL_FLOATS,
-          "reference": _ALL_FLOATS}
 PRIMITIVES = ("agg_conv", "agg_apply_", "agg_backward_reduce", "agg_backward_dz_",
               "agg_backward_gemm", "ida_upsample", "ida_upsample_backward")
 
@@ -90,13 +86,10 @@ def _reference_primitives():
     return types.SimpleNamespace(**{name: getattr(primitives, name) for name in PRIMITIVES})
 
 
-def not_supported_reasons(name: str, device_type: str, dtype: Optional[torch.dtype] = None) -> List[str]:
-    """Why backend `name` cannot run on `device_type` ('cpu' or 'cuda') with activations of
-    `dtype` (any dtype when None); empty when it can."""
+def not_supported_reasons(name: str, device_type: str) -> List[str]:
+    """Why backend `name` cannot run on `device_type` ('cpu' or 'cuda'); empty when it can.
+    Every backend takes float16, bfloat16, float32 and float64 activations."""
     reasons = []
-    if dtype is not None and dtype not in DTYPES[name]:
-        reasons.append(f"the {name} backend takes {', '.join(str(d).replace('torch.', '') for d in DTYPES[name])}"
-                       f" activations, not {str(dtype).replace('torch.', '')}")
     if device_type == "cuda" and not torch.cuda.is_available():
         reasons.append("no CUDA device is available")
     if name == "reference":
@@ -134,25 +127,25 @@ def _load(name: str):
     return _loaded[name]
 
 
-def resolve(device: torch.device, dtype: Optional[torch.dtype] = None) -> str:
-    """The backend that will run on `device` for activations of `dtype` under the current
-    selection; raises BackendError when an explicitly requested backend cannot."""
+def resolve(device: torch.device) -> str:
+    """The backend that will run on `device` under the current selection; raises BackendError
+    when an explicitly requested backend cannot."""
     requested = get_backend()
     if requested != "auto":
-        reasons = not_supported_reasons(requested, device.type, dtype)
+        reasons = not_supported_reasons(requested, device.type)
         if reasons:
             raise BackendError(f"backend {requested!r} cannot run on {device.type}: " + "; ".join(reasons))
         return requested
     order = AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU
     for name in order:
-        if not not_supported_reasons(name, device.type, dtype):
+        if not not_supported_reasons(name, device.type):
             return name
     return "reference"
 
 
-def primitives_for(device: torch.device, dtype: Optional[torch.dtype] = None):
-    """The primitives namespace of the backend that runs on `device` for `dtype`."""
-    return _load(resolve(device, dtype))
+def primitives_for(device: torch.device):
+    """The primitives namespace of the backend that runs on `device`."""
+    return _load(resolve(device))
 
 
 def backend_info(print_it: bool = True) -> str:

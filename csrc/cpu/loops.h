@@ -22,15 +22,15 @@ struct CpuLoops {
   };
 
   static void check_dtype(const char* op, at::ScalarType dtype) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble, "dla_fused::", op,
-                " on CPU supports float32 and float64 tensors, got ", dtype);
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+                "dla_fused::", op, " on CPU supports float32, float16, bfloat16 and float64 tensors, got ", dtype);
   }
 
   // f(scalar_t{}) for the dtype.
   template <typename F>
   static void dispatch(const char* op, at::ScalarType dtype, F&& f) {
     check_dtype(op, dtype);
-    AT_DISPATCH_FLOATING_TYPES(dtype, "dla_fused", [&] { f(scalar_t{}); });
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dla_fused", [&] { f(scalar_t{}); });
   }
 
   template <typename scalar_t, typename Make>
