@@ -81,7 +81,11 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
         if z is None:
             z = recompute_product(P, children, weight2d)
         sum_g, sum_gz = P.agg_backward_reduce(grad, mask_src, z, mean)
+        # gamma and beta get this rank's sums (DistributedDataParallel averages parameter
+        # gradients); the input gradient needs the sums over all ranks, like nn.SyncBatchNorm.
+        grad_gamma, grad_beta = sum_gz * invstd, sum_g
         if group is not None and batch_stats:
+            sum_g, sum_gz = sum_g.clone(), sum_gz.clone()
             allreduce_sum_(group, sum_g, sum_gz)
     elif z is None:
         z = torch.empty_like(grad)
@@ -97,7 +101,7 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
     grad_children, grad_weight = P.agg_backward_gemm(z, children, weight2d, *residual_grad)
     if not need_z:
         return grad_children, grad_weight, None, None
-    return grad_children, grad_weight, sum_gz * invstd, sum_g
+    return grad_children, grad_weight, grad_gamma, grad_beta
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],
