@@ -1,2 +1,39 @@
-"""dla_fused: Deep Layer Aggregation networks with fused aggregation-node and IDA-Up kernels."""
+"""dla_fused: Deep Layer Aggregation networks with fused aggregation-node and IDA-Up kernels.
+
+    model = dla_fused.create_model("dla34")            # fused by default
+    model = dla_fused.DLA34(num_classes=10)            # the same, as a class
+    dla_fused.backend_info()                           # what runs where, and why
+"""
+from . import backend, models, nn, ops
+from .backend import backend_info, get_backend, set_backend
+from .checkpoint import CheckpointError, load_checkpoint
+from .fuse import fuse, is_fused, unfuse
+from .models import list_models, parameter_table
+
 __version__ = "0.1.0"
+
+
+def create_model(name: str, pretrained=None, num_classes=None, fused: bool = True, **kwargs):
+    """Build model `name` (see `list_models()`), optionally loading the local checkpoint file
+    `pretrained`. `fused=True` (default) routes aggregation nodes and IDA-Up steps through the
+    fused ops; `fused=False` gives the plain-PyTorch reference. State dicts are identical."""
+    model = models.create_model(name, pretrained=pretrained, num_classes=num_classes, **kwargs)
+    return fuse(model) if fused else model
+
+
+def _fused_class(base):
+    def __init__(self, *args, fused: bool = True, **kwargs):
+        base.__init__(self, *args, **kwargs)
+        if fused:
+            fuse(self)
+    doc = f"{base.__doc__ or base.__name__}\n\n    fused=True (default) uses the fused ops; False gives the reference."
+    return type(base.__name__, (base,), {"__init__": __init__, "__doc__": doc, "__module__": __name__})
+
+
+for _base in models.VARIANTS.values():
+    globals()[_base.__name__] = _fused_class(_base)
+del _base
+
+__all__ = ["create_model", "list_models", "parameter_table", "fuse", "unfuse", "is_fused", "set_backend",
+           "get_backend", "backend_info", "load_checkpoint", "CheckpointError", "models", "ops", "nn",
+           "backend"] + [cls.__name__ for cls in models.VARIANTS.values()]

@@ -75,7 +75,7 @@ def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tens
                          ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the statistics used (the batch's when batch_stats, else copies of
     the running ones). Running statistics are not touched here: the caller updates them once."""
-    P = backend.primitives_for(children[0].device, children[0].dtype)
+    P = backend.primitives_for(children[0].device)
     out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
                                  batch_stats, eps, residual)
     return out, mean, var
@@ -95,7 +95,7 @@ def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[
                                   bn_weight: Tensor, mean: Tensor, var: Tensor, batch_stats: bool,
                                   eps: float, residual: bool, bn_grads: bool
                                   ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
-    P = backend.primitives_for(out.device, out.dtype)
+    P = backend.primitives_for(out.device)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
     grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
                                                  mean, var, eps, batch_stats, residual, bn_grads=bn_grads)
@@ -135,7 +135,7 @@ class _SyncAggregationNode(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, weight, bn_weight, bn_bias, eps, residual, *children):
-        P = backend.primitives_for(children[0].device, children[0].dtype)
+        P = backend.primitives_for(children[0].device)
         out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, None, None,
                                          True, eps, residual, group)
         ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
@@ -147,7 +147,7 @@ class _SyncAggregationNode(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
         out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
         group, eps, residual, count = ctx.args
-        P = backend.primitives_for(out.device, out.dtype)
+        P = backend.primitives_for(out.device)
         grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1),
                                                      bn_weight, mean, var, eps, True, residual,
@@ -204,7 +204,7 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
 
     Args:
         children: 1 or more tensors (N, C_i, H, W), same N, H, W, dtype and device; float16,
-            bfloat16, float32 or float64 (CPU kernels: float32/float64); NCHW or channels_last
+            bfloat16, float32 or float64; NCHW or channels_last
             (the output takes children[0]'s layout).
         weight: the 1x1 conv weight (C_out, sum C_i, 1, 1), the children's dtype.
         bn_weight, bn_bias: BatchNorm affine parameters (C_out,), any float dtype.
@@ -230,7 +230,7 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     batch_stats = training or running_mean is None
     _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
               momentum, eps, residual)
-    backend.resolve(children[0].device, children[0].dtype)  # raises if the backend cannot serve these
+    backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
     if len(children) > MAX_CHILDREN_PER_KERNEL:
         children = _merge_tail(children, weight)
     if process_group is not None and batch_stats:

@@ -90,7 +90,7 @@ def _ida_up_op(x: Tensor, proj_weight: Optional[Tensor], bn_weight: Optional[Ten
                batch_stats: bool, eps: float, up_weight: Optional[Tensor], factor: int,
                skip: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the projection's statistics (empty without projection)."""
-    P = backend.primitives_for(x.device, x.dtype)
+    P = backend.primitives_for(x.device)
     out, mean, var, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
                                  batch_stats, eps, up_weight, factor, skip)
     return out, mean, var
@@ -116,7 +116,7 @@ def _ida_up_backward_op(grad_out: Tensor, x: Tensor, proj_weight: Optional[Tenso
                         bn_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad x, grad proj weight, grad gamma, grad beta, grad up weight), absent ones
     as empty tensors."""
-    P = backend.primitives_for(x.device, x.dtype)
+    P = backend.primitives_for(x.device)
     grads = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_stats, eps,
                       up_weight, factor, bn_grads=bn_grads)
     like = (x, proj_weight, bn_weight, bn_weight, up_weight)
@@ -161,7 +161,7 @@ class _SyncIDAUp(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, x, proj_weight, bn_weight, bn_bias, eps, up_weight, factor, skip):
-        P = backend.primitives_for(x.device, x.dtype)
+        P = backend.primitives_for(x.device)
         out, mean, var, count = _forward(P, x, proj_weight, bn_weight, bn_bias, None, None, True, eps,
                                          up_weight, factor, skip, group)
         ctx.save_for_backward(x, proj_weight, bn_weight, bn_bias, up_weight, mean, var)
@@ -173,7 +173,7 @@ class _SyncIDAUp(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
         x, proj_weight, bn_weight, bn_bias, up_weight, mean, var = ctx.saved_tensors
         group, eps, factor, count, has_skip = ctx.args
-        P = backend.primitives_for(x.device, x.dtype)
+        P = backend.primitives_for(x.device)
         grad_x, grad_w, grad_g, grad_b, grad_up = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias,
                                                             mean, var, True, eps, up_weight, factor,
                                                             group, count)
@@ -236,7 +236,7 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
     """Fused IDA-Up step: ``up(relu(bn(conv1x1(x)))) (+ skip)``.
 
     Args:
-        x: (N, C_in, h, w), float16/bfloat16/float32/float64 (CPU kernels: float32/float64),
+        x: (N, C_in, h, w), float16/bfloat16/float32/float64,
             NCHW or channels_last (the output takes x's layout).
         proj_weight: 1x1 projection weight (C, C_in, 1, 1) or None (projection is the identity:
             then no BatchNorm and no ReLU either).
@@ -259,7 +259,7 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
     batch_stats = training or running_mean is None
     _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
               up_weight, factor, skip)
-    backend.resolve(x.device, x.dtype)  # raises if the selected backend cannot serve these
+    backend.resolve(x.device)  # raises if the selected backend cannot serve this device
     if process_group is not None and proj_weight is not None and batch_stats:
         out, mean, var, count = _SyncIDAUp.apply(process_group, x, proj_weight, bn_weight, bn_bias, eps,
                                                  up_weight, factor, skip)

@@ -1,0 +1,103 @@
+"""Convert a model to the fused ops in place, and back, without changing its state_dict.
+
+`fuse(model)` finds, by structure rather than class name:
+  * aggregation nodes: a module with a 1x1 bias-free `conv` (Conv2d), a `bn` (BatchNorm2d) and a
+    boolean `residual` (dla_fused, the original release) or `shortcut` (timm) attribute. It is
+    replaced by an `AggregationNode` sharing the same conv and bn, called the same way.
+  * IDA-Up modules: a module with `proj_i` / `up_i` submodules and a `project_up(i, x, skip=None)`
+    method (dla_fused's IDAUp and the CenterNet-style summing IDAUp). Its `project_up` is replaced
+    by the fused IDA-Up step; a 1x1 conv-BN-ReLU projection is fused too, any other projection
+    (3x3, deformable) runs as it is and only the upsample + skip is fused.
+`unfuse(model)` restores the original modules and methods.
+"""
+import types
+from typing import Optional
+
+import torch
+import torch.nn as nn
+
+from .ops.aggregation import AggregationNode
+from .ops.ida_up import IDAUpStep, ida_up
+
+_ORIGINAL = "_dla_fused_original"
+_STEPS = "_dla_fused_steps"
+
+
+def _root_like(module: nn.Module) -> Optional[bool]:
+    """The residual flag if `module` is a fusable aggregation node, else None."""
+    if isinstance(module, AggregationNode):
+        return None
+    conv, bn = getattr(module, "conv", None), getattr(module, "bn", None)
+    flag = getattr(module, "residual", getattr(module, "shortcut", None))
+    if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(flag, bool)):
+        return None
+    if conv.kernel_size != (1, 1) or conv.bias is not None or conv.groups != 1 or conv.stride != (1, 1):
+        return None
+    if not bn.affine or bn.num_features != conv.out_channels:
+        return None
+    extra = set(dict(module.named_children())) - {"conv", "bn", "relu"}
+    return None if extra else flag
+
+
+def _fusable_step(proj: nn.Module, up: nn.Module):
+    """(projection to run unfused or None, fused IDAUpStep) for one IDA-Up step."""
+    try:
+        return None, IDAUpStep.from_modules(proj, up)
+    except ValueError:  # a projection the op cannot take (3x3, deformable): run it, fuse the rest
+        return proj, IDAUpStep.from_modules(nn.Identity(), up)
+
+
+def _fused_project_up(self, i: int, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """up_i(proj_i(x)) (+ skip) through the fused IDA-Up op."""
+    unfused_proj, step = self.__dict__[_STEPS][i]
+    return step(x if unfused_proj is None else unfused_proj(x), skip)
+
+
+def _ida_like(module: nn.Module) -> bool:
+    return (callable(getattr(type(module), "project_up", None)) and hasattr(module, "up_1")
+            and hasattr(module, "proj_1") and _STEPS not in module.__dict__)
+
+
+def fuse(model: nn.Module) -> nn.Module:
+    """Route `model`'s aggregation nodes and IDA-Up steps through the fused ops, in place.
+    Returns the model. The state_dict (names, shapes, values) is unchanged."""
+    for name, module in list(model.named_modules()):
+        residual = _root_like(module)
+        if residual is not None and name:
+            parent_name, _, child = name.rpartition(".")
+            node = AggregationNode.from_modules(module.conv, module.bn, residual=residual)
+            object.__setattr__(node, _ORIGINAL, module)  # kept for unfuse(), not registered
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, node)
+        elif _ida_like(module):
+            # Steps share the module's proj_i / up_i; kept outside the module registry so that
+            # the state_dict does not change.
+            steps = {}
+            for key, proj in module.named_children():
+                if key.startswith("proj_"):
+                    i = int(key[len("proj_"):])
+                    steps[i] = _fusable_step(proj, getattr(module, f"up_{i}"))
+            module.__dict__[_STEPS] = steps
+            module.project_up = types.MethodType(_fused_project_up, module)
+    return model
+
+
+def unfuse(model: nn.Module) -> nn.Module:
+    """Undo `fuse`: the original modules and methods come back, sharing the same parameters."""
+    for name, module in list(model.named_modules()):
+        original = module.__dict__.get(_ORIGINAL)
+        if isinstance(module, AggregationNode) and isinstance(original, nn.Module) and name:
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, original)
+        elif _STEPS in module.__dict__:
+            del module.__dict__[_STEPS]
+            del module.project_up
+    return model
+
+
+def is_fused(model: nn.Module) -> bool:
+    return any(isinstance(m, AggregationNode) or _STEPS in m.__dict__ for m in model.modules())
+
+
+def fused_steps(module: nn.Module):
+    """The fused IDA-Up steps `fuse` attached to `module` (empty if none)."""
+    return [step for _, step in module.__dict__.get(_STEPS, {}).values()]
