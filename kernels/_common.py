@@ -1,0 +1,147 @@
+"""Shared pieces of the Triton kernels: launching (autotuned on a GPU, one fixed config under the
+interpreter), strided (N, C, pixel) addressing, dtype choices and reduction splits."""
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from dla_fused.ops.primitives import acc_dtype, memory_format_of
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
+             torch.float32: tl.float32, torch.float64: tl.float64}
+
+
+def interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def autotune_enabled() -> bool:
+    """DLA_FUSED_TRITON_AUTOTUNE=0 pins every kernel to its first config (fast compiles)."""
+    return not interpreted() and os.environ.get("DLA_FUSED_TRITON_AUTOTUNE", "1") != "0"
+
+
+def interpreter_block(extent: int) -> int:
+    """Interpreter block size for a dimension of `extent`: 16 (many ragged tiles in small tests),
+    128 above 64 (the interpreter pays per program, not per element)."""
+    return 16 if extent <= 64 else 128
+
+
+class Tunable:
+    """A @triton.jit kernel with an autotuned twin. `kernel[grid](...)` launches the twin on a
+    GPU, the first config when autotuning is off, and the `interpreter` block sizes under
+    TRITON_INTERPRET=1, where autotuning would only cost time; there a size given as an argument's
+    name is interpreter_block(that argument)."""
+
+    def __init__(self, fn, configs, key, interpreter, **options):
+        self.fn, self.configs, self.interpreter = fn, configs, interpreter
+        self.tuned = triton.autotune(configs=configs, key=key, **options)(fn)
+
+    def candidates(self, name):
+        """Every value the block size `name` can take in the current mode."""
+        if interpreted():
+            return [self.interpreter[name]]
+        configs = self.configs if autotune_enabled() else self.configs[:1]
+        return [c.kwargs[name] for c in configs]
+
+    def _interpreted_launch(self, grid, args, kwargs):
+        named = dict(zip(self.fn.arg_names, args), **kwargs)
+        blocks = {k: interpreter_block(named[v]) if isinstance(v, str) else v for k, v in self.interpreter.items()}
+        return self.fn[grid](*args, **kwargs, **blocks)
+
+    def __getitem__(self, grid):
+        if interpreted():
+            return lambda *args, **kwargs: self._interpreted_launch(grid, args, kwargs)
+        if not autotune_enabled():
+            c = self.configs[0]
+            return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps,
+                                                         num_stages=c.num_stages)
+        return self.tuned[grid]
+
+
+def tunable(configs, key, interpreter, **options):
+    return lambda fn: Tunable(fn, configs, key, interpreter, **options)
+
+
+def grid(*dims):
+    """A launch grid from (extent, block-size name) pairs and plain program counts."""
+    return lambda meta: tuple(triton.cdiv(d[0], meta[d[1]]) if isinstance(d, tuple) else d for d in dims)
+
+
+def pixel_view(t):
+    """(t, (s_n, s_c, s_p)): t addressed as (N, C, P = H*W). When H and W do not merge into one
+    stride, t is first made contiguous in its memory format."""
+    _, _, h, w = t.shape
+    s_n, s_c, s_h, s_w = t.stride()
+    if w == 1:
+        return t, (s_n, s_c, s_h)
+    if h == 1 or s_h == w * s_w:
+        return t, (s_n, s_c, s_w)
+    return pixel_view(t.contiguous(memory_format=memory_format_of(t)))
+
+
+def empty_like_format(shape, like, dtype=None):
+    """An uninitialised tensor of `shape` in the memory format of `like`."""
+    return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=memory_format_of(like))
+
+
+def dot_types(a: torch.dtype, b: torch.dtype):
+    """(operand type, input precision) for tl.dot: the shared dtype of both operands, else the
+    accumulation type; IEEE for float32/float64 so that results are not TF32-rounded. Under the
+    interpreter bfloat16 operands are widened to float32 (exact products, fp32 sums as on a GPU)."""
+    dot = a if a == b else acc_dtype(a)
+    if dot == torch.bfloat16 and interpreted():  # the interpreter multiplies bfloat16's raw bits
+        dot = torch.float32
+    return TL_DTYPES[dot], ("ieee" if dot in (torch.float32, torch.float64) else "tf32")
+
+
+def num_sms(device) -> int:
+    if device.type != "cuda":
+        return 2
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def split(total: int, parts: int):
+    """(parts, chunk): `total` items cut into at most `parts` non-empty chunks of `chunk` items."""
+    chunk = triton.cdiv(total, max(1, min(parts, total)))
+    return triton.cdiv(total, chunk), chunk
+
+
+if interpreted():
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        """x.to(dtype), rounding to nearest even as a GPU does: the interpreter truncates float32 to
+        bfloat16, so that conversion is done on the bits (add 0x7fff plus the lowest kept bit)."""
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits += 0x7FFF + ((bits >> 16) & 1)
+            y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        else:
+            y = x.to(dtype)
+        return y
+else:
+    @triton.jit
+    def round_to(x, dtype: tl.constexpr):
+        return x.to(dtype)
+
+
+@triton.jit
+def pixel_coords(q, hw):
+    """(n, p) of flat pixel indices q = n * hw + p; n as int64 so that offsets cannot overflow."""
+    n = (q // hw).to(tl.int64)
+    return n, q - n * hw
+
+
+@triton.jit
+def tile(num_pixels, hw, channels, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """(n, p, pixel mask, channels, channel mask) of this program's [BLOCK_P, BLOCK_C] tile."""
+    q = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    n, p = pixel_coords(q, hw)
+    return n, p, q < num_pixels, c, c < channels
+
+
+@triton.jit
+def offsets(n, p, c, s_n, s_c, s_p):
+    """[pixels, channels] offsets into a tensor with strides (s_n, s_c, s_p)."""
+    return (n * s_n + p * s_p)[:, None] + (c * s_c)[None, :]

@@ -1,0 +1,387 @@
+"""Triton kernels of the aggregation node (spec: dla_fused/ops/primitives.py, csrc/ops.cpp).
+
+Forward: one GEMM over all children z = sum_i W_i x_i (no concatenation), with epilogues for
+batch statistics (per-tile mean and M2, combined by Chan's formula), or shift + residual + ReLU.
+Backward: two elementwise passes around a per-channel reduction, then the GEMMs
+dx_i = W_i^T dz (the forward GEMM on W^T) and dW = sum over pixels of dz x^T (split over pixels).
+Every activation is addressed as (N, C, P = H*W) through its strides, so NCHW and channels_last
+(and children in different layouts) need no copies.
+"""
+from typing import List, Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from dla_fused.ops.primitives import acc_dtype
+
+from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, num_sms, offsets, pixel_coords,
+                      pixel_view, round_to, split, tile, tunable)
+
+MAX_CHILDREN = 8  # argument groups of the GEMM kernel; more children share the last group
+
+GEMM_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                for p, co, k, w, s in ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
+                                       (64, 128, 64, 4, 3), (128, 64, 64, 8, 4))]
+WEIGHT_GRAD_CONFIGS = [triton.Config({"BLOCK_CO": co, "BLOCK_CI": ci, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                       for co, ci, k, w, s in ((64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3),
+                                               (128, 128, 32, 8, 4), (64, 64, 128, 4, 4))]
+ELEMENTWISE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
+                       for p, c, w in ((64, 64, 4), (256, 16, 4), (32, 128, 4), (128, 64, 8), (128, 32, 4))]
+GEMM_INTERPRETER = dict(BLOCK_P=16, BLOCK_CO="c_out", BLOCK_K="c_in")
+ELEMENTWISE_INTERPRETER = dict(BLOCK_P=16, BLOCK_C="channels")
+
+
+# ------------------------------------------------------------------------------------------------
+# Forward GEMM and statistics
+
+@triton.jit
+def _accumulate(acc, x_ptr, c_in, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok,
+                DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[p, o] += sum_k x[p, k] * w[o, k] over one child's c_in channels (w_cols: offsets of o)."""
+    rows = n * s_n + p * s_p
+    for k0 in range(0, c_in, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = k < c_in
+        x = tl.load(x_ptr + rows[:, None] + (k * s_c)[None, :], mask=q_ok[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(w_ptr + (k * sw_k)[:, None] + w_cols[None, :], mask=k_ok[:, None] & co_ok[None, :], other=0.0)
+        acc += tl.dot(x.to(DOT), w.to(DOT), input_precision=PRECISION)
+    return acc
+
+
+@tunable(GEMM_CONFIGS, key=["num_pixels", "c_out", "c_in", "so_c"], interpreter=GEMM_INTERPRETER)
+@triton.jit
+def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
+                 res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
+                 mean_part, m2_part, count_part, tiles_used, num_pixels, hw, c_out, c_in,
+                 x0, c0, s0n, s0c, s0p, x1, c1, s1n, s1c, s1p, x2, c2, s2n, s2c, s2p,
+                 x3, c3, s3n, s3c, s3p, x4, c4, s4n, s4c, s4p, x5, c5, s5n, s5c, s5p,
+                 x6, c6, s6n, s6c, s6p, x7, c7, s7n, s7c, s7p,
+                 NUM_CHILDREN: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
+                 DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """out[p, o] = epilogue(sum over children i, channels k of W[o, off_i + k] x_i[p, k]).
+    Tile: BLOCK_P pixels (flat over N*H*W) x BLOCK_CO output channels."""
+    pid_p = tl.program_id(0)
+    n, p, q_ok, co, co_ok = tile(num_pixels, hw, c_out, BLOCK_P, BLOCK_CO)
+    mask = q_ok[:, None] & co_ok[None, :]
+    w_cols = co * sw_o
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
+    acc = _accumulate(acc, x0, c0, s0n, s0c, s0p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 1:
+        w_ptr += c0 * sw_k
+        acc = _accumulate(acc, x1, c1, s1n, s1c, s1p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 2:
+        w_ptr += c1 * sw_k
+        acc = _accumulate(acc, x2, c2, s2n, s2c, s2p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 3:
+        w_ptr += c2 * sw_k
+        acc = _accumulate(acc, x3, c3, s3n, s3c, s3p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 4:
+        w_ptr += c3 * sw_k
+        acc = _accumulate(acc, x4, c4, s4n, s4c, s4p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 5:
+        w_ptr += c4 * sw_k
+        acc = _accumulate(acc, x5, c5, s5n, s5c, s5p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 6:
+        w_ptr += c5 * sw_k
+        acc = _accumulate(acc, x6, c6, s6n, s6c, s6p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    if NUM_CHILDREN > 7:
+        w_ptr += c6 * sw_k
+        acc = _accumulate(acc, x7, c7, s7n, s7c, s7p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+
+    if STATS:  # this tile's mean and sum of squared deviations (M2) over its valid pixels
+        count = tl.minimum(num_pixels - pid_p * BLOCK_P, BLOCK_P)
+        tile_mean = tl.sum(acc, axis=0) / count  # rows past num_pixels are exact zeros
+        deviation = tl.where(mask, acc - tile_mean[None, :], 0.0)
+        tl.store(mean_part + pid_p * c_out + co, tile_mean, mask=co_ok)
+        tl.store(m2_part + pid_p * c_out + co, tl.sum(deviation * deviation, axis=0), mask=co_ok)
+        if tl.program_id(1) == 0:
+            tl.store(count_part + pid_p, count.to(ACC))
+            if pid_p == 0:  # the finalize reads this many tiles (whatever config ran, or ran before)
+                tl.store(tiles_used, tl.num_programs(0))
+    if HAS_SHIFT:
+        acc += tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
+    if HAS_RESIDUAL:
+        residual = tl.load(res_ptr + offsets(n, p, co, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(ACC)
+        if HAS_GATE:
+            gate = tl.load(gate_ptr + offsets(n, p, co, sg_n, sg_c, sg_p), mask=mask, other=0.0)
+            residual = tl.where(gate > 0, residual, 0.0)
+        acc += residual
+    if RELU:
+        acc = tl.maximum(acc, 0.0)
+    out = round_to(acc, out_ptr.dtype.element_ty)
+    tl.store(out_ptr + offsets(n, p, co, so_n, so_c, so_p), out, mask=mask)
+
+
+@triton.jit
+def _finalize_stats_kernel(mean_part, m2_part, count_part, tiles_used, mean_ptr, var_ptr, channels,
+                           ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan et al.'s parallel combination of per-tile (count n_t, mean m_t, M2_t):
+    mean = sum n_t m_t / n;  M2 = sum M2_t + sum n_t (m_t - mean)^2;  var = M2 / n."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    num_tiles = tl.load(tiles_used)
+    counts = tl.zeros((BLOCK_T,), dtype=ACC)
+    weighted = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        n_t = tl.load(count_part + t, mask=t < num_tiles, other=0.0)
+        m_t = tl.load(mean_part + t[:, None] * channels + c[None, :], mask=(t < num_tiles)[:, None] & c_ok[None, :],
+                      other=0.0)
+        counts += n_t
+        weighted += n_t[:, None] * m_t
+    total = tl.sum(counts, axis=0)
+    mean = tl.sum(weighted, axis=0) / total
+    m2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
+    for t0 in range(0, num_tiles, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ok = (t < num_tiles)[:, None] & c_ok[None, :]
+        n_t = tl.load(count_part + t, mask=t < num_tiles, other=0.0)
+        m_t = tl.load(mean_part + t[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        m2_t = tl.load(m2_part + t[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        delta = tl.where(ok, m_t - mean[None, :], 0.0)
+        m2 += m2_t + n_t[:, None] * delta * delta
+    tl.store(mean_ptr + c, mean, mask=c_ok)
+    tl.store(var_ptr + c, tl.sum(m2, axis=0) / total, mask=c_ok)
+
+
+def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False):
+    """out = epilogue(sum_i weight[:, off_i:off_i + C_i] x_i); weight is 2-D (C_out, sum C_i), any
+    strides. Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors."""
+    acc = acc_dtype(out.dtype)
+    n, c_out, h, w = out.shape
+    num_pixels = n * h * w
+    dummy = out.new_empty(1, dtype=acc)  # stands for absent vectors (same dtype: same autotune key)
+    groups = []
+    for x in xs:
+        x, strides = pixel_view(x)
+        groups += [x, x.shape[1], *strides]
+    groups += groups[:5] * (MAX_CHILDREN - len(xs))
+    out_view, out_strides = pixel_view(out)
+    res, res_strides = pixel_view(residual) if residual is not None else (out_view, out_strides)
+    gate_t, gate_strides = pixel_view(gate) if gate is not None else (out_view, out_strides)
+    if stats:
+        tiles = triton.cdiv(num_pixels, min(_conv_kernel.candidates("BLOCK_P")))
+        parts = [out.new_empty((tiles, c_out), dtype=acc), out.new_empty((tiles, c_out), dtype=acc),
+                 out.new_empty(tiles, dtype=acc), out.new_empty(1, dtype=torch.int32)]
+    else:
+        parts = [dummy] * 3 + [out.new_empty(1, dtype=torch.int32)]
+    dot, precision = dot_types(xs[0].dtype, weight.dtype)
+    _conv_kernel[grid((num_pixels, "BLOCK_P"), (c_out, "BLOCK_CO"))](
+        out_view, *out_strides, weight, *weight.stride(), shift if shift is not None else dummy,
+        res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], *groups,
+        NUM_CHILDREN=len(xs), HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+        HAS_GATE=gate is not None, RELU=relu, STATS=stats, ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
+    if out_view is not out:
+        out.copy_(out_view)
+    if not stats:
+        return out.new_empty(0, dtype=acc), out.new_empty(0, dtype=acc)
+    mean, var = out.new_empty(c_out, dtype=acc), out.new_empty(c_out, dtype=acc)
+    block_t, block_c = (16, 16) if interpreted() else (32, 64)
+    _finalize_stats_kernel[(triton.cdiv(c_out, block_c),)](
+        *parts, mean, var, c_out, ACC=TL_DTYPES[acc], BLOCK_T=block_t, BLOCK_C=block_c)
+    return mean, var
+
+
+def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional[torch.Tensor],
+             residual: Optional[torch.Tensor], relu: bool, stats: bool):
+    first = children[0]
+    out = empty_like_format((first.shape[0], weight.shape[0], first.shape[2], first.shape[3]), first)
+    if len(children) > MAX_CHILDREN:  # rare: the tail is concatenated into the last argument group
+        children = list(children[:MAX_CHILDREN - 1]) + [torch.cat(children[MAX_CHILDREN - 1:], dim=1)]
+    mean, var = _gemm(out, children, weight, shift, residual, relu=relu, stats=stats)
+    return out, mean, var
+
+
+# ------------------------------------------------------------------------------------------------
+# Elementwise passes and the per-channel reduction of the backward
+
+@tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER,
+         restore_value=["z_ptr"])
+@triton.jit
+def _apply_kernel(z_ptr, sz_n, sz_c, sz_p, scale_ptr, shift_ptr, res_ptr, sr_n, sr_c, sr_p,
+                  num_pixels, hw, channels, HAS_RESIDUAL: tl.constexpr,
+                  BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z = relu(z * scale + shift (+ residual)), in place."""
+    n, p, q_ok, c, c_ok = tile(num_pixels, hw, channels, BLOCK_P, BLOCK_C)
+    mask = q_ok[:, None] & c_ok[None, :]
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
+    z_ptrs = z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p)
+    y = tl.load(z_ptrs, mask=mask, other=0.0).to(scale.dtype) * scale[None, :] + shift[None, :]
+    if HAS_RESIDUAL:
+        y += tl.load(res_ptr + offsets(n, p, c, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(scale.dtype)
+    tl.store(z_ptrs, round_to(tl.maximum(y, 0.0), z_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, dtype: tl.constexpr,
+                 HAS_OUT: tl.constexpr):
+    """g = grad_out * (out > 0) (grad_out when there is no out), in `dtype`."""
+    g = tl.load(go_ptr + (n * sg_n + p * sg_p)[:, None] + (c * sg_c)[None, :], mask=mask, other=0.0).to(dtype)
+    if HAS_OUT:
+        out = tl.load(out_ptr + (n * so_n + p * so_p)[:, None] + (c * so_c)[None, :], mask=mask, other=0.0)
+        g = tl.where(out > 0, g, 0.0)
+    return g
+
+
+@tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER)
+@triton.jit
+def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, z_ptr, sz_n, sz_c, sz_p,
+                   mean_ptr, num_pixels, hw, channels, chunk, HAS_OUT: tl.constexpr,
+                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (s, j): sums of g and g * (z - mean) over pixels [s * chunk, (s + 1) * chunk) for
+    channel block j, written to part[0, s] and part[1, s]."""
+    split_id = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+    sum_g = tl.zeros((BLOCK_P, BLOCK_C), dtype=mean.dtype)
+    sum_gz = tl.zeros((BLOCK_P, BLOCK_C), dtype=mean.dtype)
+    start = split_id * chunk
+    end = tl.minimum(start + chunk, num_pixels)
+    for q0 in range(start, end, BLOCK_P):
+        q = q0 + tl.arange(0, BLOCK_P)
+        mask = (q < end)[:, None] & c_ok[None, :]
+        n, p = pixel_coords(q, hw)
+        g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, mean.dtype, HAS_OUT)
+        z = tl.load(z_ptr + (n * sz_n + p * sz_p)[:, None] + (c * sz_c)[None, :], mask=mask, other=0.0)
+        z = z.to(mean.dtype)
+        sum_g += g
+        sum_gz += g * (z - mean[None, :])
+    tl.store(part_ptr + split_id * channels + c, tl.sum(sum_g, axis=0), mask=c_ok)
+    tl.store(part_ptr + (tl.num_programs(0) + split_id) * channels + c, tl.sum(sum_gz, axis=0), mask=c_ok)
+
+
+@tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER,
+         restore_value=["z_ptr"])
+@triton.jit
+def _dz_kernel(z_ptr, sz_n, sz_c, sz_p, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p,
+               scale_ptr, coef_ptr, bias_ptr, mean_ptr, num_pixels, hw, channels,
+               HAS_OUT: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+    """z = scale * g (+ coef * (z - mean) + bias), in place."""
+    n, p, q_ok, c, c_ok = tile(num_pixels, hw, channels, BLOCK_P, BLOCK_C)
+    mask = q_ok[:, None] & c_ok[None, :]
+    scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
+    g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, scale.dtype, HAS_OUT)
+    dz = g * scale[None, :]
+    z_ptrs = z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p)
+    if HAS_COEF:
+        coef = tl.load(coef_ptr + c, mask=c_ok, other=0.0)
+        bias = tl.load(bias_ptr + c, mask=c_ok, other=0.0)
+        mean = tl.load(mean_ptr + c, mask=c_ok, other=0.0)
+        z = tl.load(z_ptrs, mask=mask, other=0.0).to(scale.dtype)
+        dz += coef[None, :] * (z - mean[None, :]) + bias[None, :]
+    tl.store(z_ptrs, round_to(dz, z_ptr.dtype.element_ty), mask=mask)
+
+
+def _optional_view(t, fallback):
+    return pixel_view(t) if t is not None else fallback
+
+
+def agg_apply_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+    n, c, h, w = z.shape
+    zv, z_strides = pixel_view(z)
+    res, res_strides = _optional_view(residual, (zv, z_strides))
+    _apply_kernel[grid((n * h * w, "BLOCK_P"), (c, "BLOCK_C"))](
+        zv, *z_strides, scale, shift, res, *res_strides, n * h * w, h * w, c, HAS_RESIDUAL=residual is not None)
+    if zv is not z:
+        z.copy_(zv)
+
+
+def agg_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
+    n, c, h, w = z.shape
+    num_pixels = n * h * w
+    go, go_strides = pixel_view(grad_out)
+    zv, z_strides = pixel_view(z)
+    out_t, out_strides = _optional_view(out, (go, go_strides))
+    if interpreted():
+        splits, chunk = split(num_pixels, 3)
+    else:  # about four programs per multiprocessor, each over at least 512 pixels
+        splits, chunk = split(num_pixels, min(triton.cdiv(num_pixels, 512),
+                                              max(1, 4 * num_sms(z.device) // triton.cdiv(c, 64))))
+    part = z.new_empty((2, splits, c), dtype=mean.dtype)
+    _reduce_kernel[grid(splits, (c, "BLOCK_C"))](
+        part, go, *go_strides, out_t, *out_strides, zv, *z_strides, mean, num_pixels, h * w, c, chunk,
+        HAS_OUT=out is not None)
+    return part[0].sum(dim=0), part[1].sum(dim=0)
+
+
+def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,
+                     z_coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                     mean: Optional[torch.Tensor]) -> None:
+    n, c, h, w = z.shape
+    zv, z_strides = pixel_view(z)
+    go, go_strides = pixel_view(grad_out)
+    out_t, out_strides = _optional_view(out, (go, go_strides))
+    has_coef = z_coef is not None
+    _dz_kernel[grid((n * h * w, "BLOCK_P"), (c, "BLOCK_C"))](
+        zv, *z_strides, go, *go_strides, out_t, *out_strides, scale, z_coef if has_coef else scale,
+        bias if has_coef else scale, mean if has_coef else scale, n * h * w, h * w, c,
+        HAS_OUT=out is not None, HAS_COEF=has_coef)
+    if zv is not z:
+        z.copy_(zv)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward GEMMs
+
+@tunable(WEIGHT_GRAD_CONFIGS, key=["num_pixels", "c_out", "c_in"],
+         interpreter=dict(BLOCK_CO="c_out", BLOCK_CI="c_in", BLOCK_K=16))
+@triton.jit
+def _weight_grad_kernel(part_ptr, sp_s, sp_o, dz_ptr, sd_n, sd_c, sd_p, x_ptr, sx_n, sx_c, sx_p,
+                        num_pixels, hw, c_out, c_in, chunk, ACC: tl.constexpr, DOT: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """part[s, o, i] = sum over pixels q in split s of dz[q, o] x[q, i] (the pixels are the GEMM's K)."""
+    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    split_id = tl.program_id(2)
+    co_ok = co < c_out
+    ci_ok = ci < c_in
+    start = split_id * chunk
+    end = tl.minimum(start + chunk, num_pixels)
+    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
+    for q0 in range(start, end, BLOCK_K):
+        q = q0 + tl.arange(0, BLOCK_K)
+        q_ok = q < end
+        n, p = pixel_coords(q, hw)
+        d = tl.load(dz_ptr + (co * sd_c)[:, None] + (n * sd_n + p * sd_p)[None, :],
+                    mask=co_ok[:, None] & q_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + (n * sx_n + p * sx_p)[:, None] + (ci * sx_c)[None, :],
+                    mask=q_ok[:, None] & ci_ok[None, :], other=0.0)
+        acc += tl.dot(d.to(DOT), x.to(DOT), input_precision=PRECISION)
+    tl.store(part_ptr + split_id * sp_s + co[:, None] * sp_o + ci[None, :], acc,
+             mask=co_ok[:, None] & ci_ok[None, :])
+
+
+def agg_backward_gemm(dz: torch.Tensor, children: List[torch.Tensor], weight: torch.Tensor,
+                      grad_out: Optional[torch.Tensor], out: Optional[torch.Tensor]):
+    acc = acc_dtype(dz.dtype)
+    n, c_out, h, w = dz.shape
+    num_pixels = n * h * w
+    dzv, dz_strides = pixel_view(dz)
+    dot, precision = dot_types(dz.dtype, children[0].dtype)
+    grads, grad_weight, start = [], dz.new_empty(weight.shape, dtype=acc), 0
+    for i, child in enumerate(children):
+        c_in = child.shape[1]
+        grad = empty_like_format(child.shape, child)
+        residual = grad_out if i == 0 else None
+        _gemm(grad, [dzv], weight[:, start:start + c_in].t(), residual=residual,
+              gate=out if residual is not None else None)
+        grads.append(grad)
+        if interpreted():
+            splits, chunk = split(num_pixels, 2)
+        else:  # split the pixels (the GEMM's K) until there are about four programs per multiprocessor
+            programs = 4 * num_sms(dz.device) // (triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64))
+            splits, chunk = split(num_pixels, min(triton.cdiv(num_pixels, 256), max(1, programs)))
+        part = dz.new_empty((splits, c_out, c_in), dtype=acc)
+        x, x_strides = pixel_view(child)
+        _weight_grad_kernel[grid((c_out, "BLOCK_CO"), (c_in, "BLOCK_CI"), splits)](
+            part, *part.stride()[:2], dzv, *dz_strides, x, *x_strides, num_pixels, h * w, c_out, c_in, chunk,
+            ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
+        grad_weight[:, start:start + c_in] = part.sum(dim=0)
+        start += c_in
+    return grads, grad_weight.to(weight.dtype)

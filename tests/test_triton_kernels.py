@@ -1,0 +1,315 @@
+"""The Triton kernels (kernels/) against their specification, dla_fused/ops/primitives.py.
+
+CPU tensors run under Triton's interpreter (TRITON_INTERPRET=1, set by conftest.py when there is no
+GPU); CUDA tensors run compiled. Every test runs in deterministic mode, where torch.empty fills new
+memory with NaN: an output element a kernel forgets to write fails the comparison.
+
+Tolerances, against the primitive run in float64 on the same inputs and relative to the largest
+reference magnitude: float32 1e-5, float64 1e-10 (TF32 is switched off for the reference's own
+convolutions and matmuls). float16/bfloat16 follow DESIGN.md's rule: the error against the float64
+reference is at most 2x the error of the same-dtype PyTorch path, plus 2 ulp of the output dtype at
+the largest reference magnitude.
+"""
+import collections
+import os
+
+import pytest
+import torch
+
+from conftest import requires_cuda
+from dla_fused.ops import primitives as P
+
+pytest.importorskip("triton")
+from dla_fused.kernels import aggregation, ida_up  # noqa: E402
+
+requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
+                                          reason="Triton runs on CPU tensors only under TRITON_INTERPRET=1")
+DEVICES = [pytest.param("cpu", marks=requires_interpreter), pytest.param("cuda", marks=requires_cuda)]
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-10}
+N, H, W = 2, 5, 7
+# Children of the aggregation node: channels and layouts. "crop" is a spatial crop (H and W do not
+# merge into one stride), "narrow" a channel slice of a wider tensor.
+CHILDREN = {"1-nchw": ([24], ["nchw"]),
+            "2-cl": ([24, 13], ["cl", "cl"]),
+            "7-mixed": ([24, 3, 5, 8, 2, 7, 4], ["nchw", "cl", "crop", "cl", "nchw", "narrow", "cl"])}
+MAX_ERRORS = collections.defaultdict(float)  # input dtype -> largest relative error (printed with -s)
+
+
+@pytest.fixture(params=DEVICES)
+def device(request):
+    return torch.device(request.param)
+
+
+@pytest.fixture(autouse=True)
+def _nan_poisoned_allocations_and_no_tf32():
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32,
+             torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    yield
+    torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved[:2]
+    torch.use_deterministic_algorithms(saved[2], warn_only=saved[3])
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report_errors():
+    yield
+    print("\nlargest relative errors:", {str(k): f"{v:.2e}" for k, v in MAX_ERRORS.items()})
+
+
+def activation(shape, dtype, device, layout="nchw", mean=0.0):
+    n, c, h, w = shape
+    if layout == "crop":
+        return activation((n, c, h + 1, w + 2), dtype, device, mean=mean)[:, :, 1:, 1:-1]
+    if layout == "narrow":
+        return activation((n, c + 3, h, w), dtype, device, "cl", mean)[:, 2:2 + c]
+    x = (torch.randn(shape, dtype=torch.float64) + mean).to(device=device, dtype=dtype)
+    return x.contiguous(memory_format=torch.channels_last) if layout == "cl" else x
+
+
+def vector(c, dtype, device):
+    """A per-channel vector in the accumulation dtype of `dtype`."""
+    return torch.randn(c, dtype=torch.float64).to(device=device, dtype=P.acc_dtype(dtype))
+
+
+def to64(obj):
+    if isinstance(obj, torch.Tensor):
+        return obj.to(torch.float64) if obj.is_floating_point() else obj
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(to64(o) for o in obj)
+    return obj
+
+
+def flat(obj):
+    return [t for o in obj for t in flat(o)] if isinstance(obj, (list, tuple)) else [obj]
+
+
+def run(fn, args, inplace):
+    """fn(*args); for an in-place primitive, on a clone of args[0], which is returned."""
+    if not inplace:
+        return fn(*args)
+    args = [args[0].clone()] + list(args[1:])
+    fn(*args)
+    return args[0]
+
+
+def check(name, args, inplace=False):
+    """The Triton primitive `name` on args against primitives.`name` (see the module docstring)."""
+    module = aggregation if hasattr(aggregation, name) else ida_up
+    ours = flat(run(getattr(module, name), args, inplace))
+    same = flat(run(getattr(P, name), args, inplace))
+    ref64 = flat(run(getattr(P, name), to64(args), inplace))
+    assert len(ours) == len(same)
+    input_dtype = next(t.dtype for t in flat(args) if isinstance(t, torch.Tensor))
+    for o, s, r in zip(ours, same, ref64):
+        assert (o.dtype, o.shape, o.device) == (s.dtype, s.shape, s.device)
+        if o.numel() == 0:
+            continue
+        assert P.memory_format_of(o) == P.memory_format_of(s)
+        assert torch.isfinite(o).all(), f"{name}: non-finite values (unwritten output?)"
+        scale = max(1.0, r.abs().max().item())
+        err = (o.double() - r).abs().max().item() / scale
+        if s.dtype in TOLERANCE:
+            assert err <= TOLERANCE[s.dtype], f"{name}: relative error {err:.3e}"
+        else:
+            same_err = (s.double() - r).abs().max().item() / scale
+            bound = 2 * same_err + 2 * torch.finfo(s.dtype).eps
+            assert err <= bound, f"{name}: relative error {err:.3e} > {bound:.3e} (PyTorch path {same_err:.3e})"
+        MAX_ERRORS[input_dtype] = max(MAX_ERRORS[input_dtype], err)
+    return ours
+
+
+def children_of(case, dtype, device, h=H, w=W):
+    channels, layouts = CHILDREN[case]
+    return [activation((N, c, h, w), dtype, device, layout) for c, layout in zip(channels, layouts)]
+
+
+# ------------------------------------------------------------------------------------------------
+# Aggregation node
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CHILDREN)
+@pytest.mark.parametrize("mode", ["stats", "plain", "eval-residual", "eval"])
+def test_agg_conv(device, dtype, case, mode):
+    children = children_of(case, dtype, device)
+    c_out = 40
+    weight = torch.randn(c_out, sum(c.shape[1] for c in children), device=device).to(dtype)
+    shift = vector(c_out, dtype, device) if mode.startswith("eval") else None
+    residual = activation((N, c_out, H, W), dtype, device, "cl") if mode == "eval-residual" else None
+    relu = mode.startswith("eval")
+    out, mean, var = check("agg_conv", [children, weight, shift, residual, relu, mode == "stats"])
+    if mode == "stats":  # backward recomputes z with stats=False: it must be the very same z
+        assert torch.equal(aggregation.agg_conv(children, weight, None, None, False, False)[0], out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_agg_conv_statistics_of_offset_channels(device, dtype):
+    """Mean 100, std 1: a one-pass E[z^2] - E[z]^2 loses the variance in float32; per-tile M2
+    combined with Chan's formula must not."""
+    x = activation((N, 16, 9, 11), dtype, device)
+    ones = torch.ones(N, 1, 9, 11, device=device, dtype=dtype)
+    weight = torch.cat([torch.randn(8, 16, device=device) / 4, torch.full((8, 1), 100.0, device=device)], 1)
+    _, mean, var = aggregation.agg_conv([x, ones], weight.to(dtype), None, None, False, True)
+    _, mean64, var64 = P.agg_conv(to64([x, ones]), weight.to(dtype).double(), None, None, False, True)
+    assert (mean64 - 100).abs().max() < 2 and (var64 - 1).abs().max() < 0.9
+    assert ((var.double() - var64) / var64).abs().max() < 1e-4
+    assert ((mean.double() - mean64) / mean64).abs().max() < 1e-6
+
+
+def test_agg_conv_more_children_than_argument_groups(device):
+    children = [activation((N, 3, H, W), torch.float32, device, "cl" if i % 2 else "nchw") for i in range(10)]
+    weight = torch.randn(20, 30, device=device)
+    check("agg_conv", [children, weight, None, None, False, True])
+
+
+def test_agg_conv_weight_in_accumulation_dtype(device):
+    children = children_of("2-cl", torch.float16, device)
+    check("agg_conv", [children, torch.randn(40, 37, device=device), None, None, False, True])
+
+
+def test_wide_channels(device):
+    """Channel counts above 64 (the interpreter then uses blocks of 128) through every primitive."""
+    children = [activation((N, c, 3, 5), torch.float32, device, layout) for c, layout in ((70, "cl"), (30, "nchw"))]
+    weight = torch.randn(70, 100, device=device)
+    z = check("agg_conv", [children, weight, None, None, False, True])[0]
+    check("agg_apply_", [z, vector(70, z.dtype, device), vector(70, z.dtype, device), children[0]], inplace=True)
+    check("agg_backward_reduce", [z, children[0], z, vector(70, z.dtype, device)])
+    check("agg_backward_gemm", [z, children, weight, z, children[0]])
+    up = torch.rand(70, 1, 4, 4, device=device)
+    check("ida_upsample", [children[0], None, None, up, 2, None])
+    check("ida_upsample_backward", [activation((N, 70, 6, 10), torch.float32, device), children[0], None, None, up, 2])
+
+
+def test_bfloat16_results_round_to_nearest(device):
+    """Stores round to nearest even (the interpreter itself would truncate float32 -> bfloat16), so
+    almost every element equals the reference's, which rounds its float32 result once."""
+    children = children_of("2-cl", torch.bfloat16, device)
+    weight = torch.randn(40, 37, device=device).to(torch.bfloat16)
+    ours = aggregation.agg_conv(children, weight, None, None, False, False)[0]
+    same = P.agg_conv(children, weight, None, None, False, False)[0]
+    assert (ours != same).double().mean() < 0.02
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_agg_apply_(device, dtype, layout, residual):
+    c = 40
+    z = activation((N, c, H, W), dtype, device, layout)
+    res = activation((N, c, H, W), dtype, device, "nchw" if layout == "cl" else "crop") if residual else None
+    check("agg_apply_", [z, vector(c, dtype, device), vector(c, dtype, device), res], inplace=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("with_out", [False, True])
+def test_agg_backward_reduce(device, dtype, layout, with_out):
+    c = 40
+    other = "cl" if layout == "nchw" else "nchw"
+    grad_out = activation((N, c, H, W), dtype, device, other)
+    out = activation((N, c, H, W), dtype, device, layout) if with_out else None
+    z = activation((N, c, H, W), dtype, device, layout, mean=3.0)
+    check("agg_backward_reduce", [grad_out, out, z, vector(c, dtype, device) + 3])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_out", [False, True])
+@pytest.mark.parametrize("with_coef", [False, True])
+def test_agg_backward_dz_(device, dtype, with_out, with_coef):
+    c = 40
+    z = activation((N, c, H, W), dtype, device, "cl")
+    if not with_coef:
+        z.fill_(float("nan"))  # z is only written: poison it
+    grad_out = activation((N, c, H, W), dtype, device, "nchw")
+    out = activation((N, c, H, W), dtype, device, "crop") if with_out else None
+    coef, bias, mean = ([vector(c, dtype, device) for _ in range(3)] if with_coef else [None] * 3)
+    check("agg_backward_dz_", [z, grad_out, out, vector(c, dtype, device), coef, bias, mean], inplace=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CHILDREN)
+@pytest.mark.parametrize("residual", ["none", "gated"])
+def test_agg_backward_gemm(device, dtype, case, residual):
+    children = children_of(case, dtype, device)
+    c_out = children[0].shape[1]
+    dz = activation((N, c_out, H, W), dtype, device, "cl" if case == "1-nchw" else "nchw")
+    weight = torch.randn(c_out, sum(c.shape[1] for c in children), device=device).to(dtype)
+    grad_out = activation((N, c_out, H, W), dtype, device, "narrow") if residual != "none" else None
+    out = activation((N, c_out, H, W), dtype, device) if residual == "gated" else None
+    check("agg_backward_gemm", [dz, children, weight, grad_out, out])
+
+
+def test_agg_backward_gemm_ungated_residual(device):
+    children = children_of("2-cl", torch.float32, device)
+    dz = activation((N, 24, H, W), torch.float32, device)
+    grad_out = activation((N, 24, H, W), torch.float32, device, "cl")
+    check("agg_backward_gemm", [dz, children, torch.randn(24, 37, device=device), grad_out, None])
+
+
+# ------------------------------------------------------------------------------------------------
+# IDA-Up
+
+# factor None: up_weight None (factor 1). The variants: BatchNorm + ReLU and a skip of another
+# layout, or neither, with z in either layout.
+IDA_VARIANTS = {"bn-skip": (True, True, "nchw", "cl"), "plain": (False, False, "cl", None),
+                "bn-cl": (True, False, "cl", None)}
+
+
+def ida_args(dtype, device, factor, variant, c=None, h=7, w=5):
+    c = c or (20 if factor != 8 else 6)  # the interpreter is slow on the many pixels of f = 8
+    bn, skip, layout, skip_layout = IDA_VARIANTS[variant]
+    z = activation((N, c, h, w), dtype, device, layout)
+    up = None if factor is None else torch.rand(c, 1, 2 * factor, 2 * factor, device=device).to(dtype)
+    f = factor or 1
+    size = (N, c, P.upsampled_size(h, f), P.upsampled_size(w, f)) if up is not None else (N, c, h, w)
+    scale, shift = (vector(c, dtype, device), vector(c, dtype, device)) if bn else (None, None)
+    return z, scale, shift, up, f, (activation(size, dtype, device, skip_layout) if skip else None), size
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("factor", [None, 1, 2, 4, 8])
+@pytest.mark.parametrize("variant", ["bn-skip", "plain"])
+def test_ida_upsample(device, dtype, factor, variant):
+    z, scale, shift, up, f, skip, _ = ida_args(dtype, device, factor, variant)
+    check("ida_upsample", [z, scale, shift, up, f, skip])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("factor", [None, 1, 2, 4, 8])
+@pytest.mark.parametrize("variant", ["bn-cl", "plain"])
+def test_ida_upsample_backward(device, dtype, factor, variant):
+    z, scale, shift, up, f, _, size = ida_args(dtype, device, factor, variant)
+    grad_out = activation(size, dtype, device, "nchw" if variant == "bn-cl" else "cl")
+    check("ida_upsample_backward", [grad_out, z, scale, shift, up, f])
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU only: autotuned launches and sizes larger than the interpreter can afford
+
+@requires_cuda
+def test_autotuned_recompute_is_exact(monkeypatch):
+    """With autotuning on, agg_conv(stats=False) (the backward's recomputation) gives exactly the
+    z of the training forward (stats=True), and both match the reference."""
+    monkeypatch.setenv("DLA_FUSED_TRITON_AUTOTUNE", "1")
+    for dtype in (torch.float32, torch.bfloat16):
+        children = [activation((8, c, 28, 30), dtype, "cuda", layout) for c, layout in ((64, "cl"), (128, "cl"))]
+        weight = torch.randn(128, 192, device="cuda").to(dtype)
+        out, _, _ = check("agg_conv", [children, weight, None, None, False, True])
+        assert torch.equal(aggregation.agg_conv(children, weight, None, None, False, False)[0], out)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_gpu_sizes(dtype):
+    dev = torch.device("cuda")
+    children = [activation((4, c, 33, 35), dtype, dev, "cl") for c in (96, 96, 64)]
+    weight = torch.randn(96, 256, device=dev).to(dtype)
+    check("agg_conv", [children, weight, None, None, False, True])
+    z = activation((4, 96, 33, 35), dtype, dev, "cl")
+    check("agg_backward_reduce", [z, z, z, vector(96, dtype, dev)])
+    check("agg_backward_gemm", [z, children, weight, z, z])
+    for factor in (2, 8):
+        z, scale, shift, up, f, skip, size = ida_args(dtype, dev, factor, "bn-skip", c=64, h=33, w=35)
+        check("ida_upsample", [z, scale, shift, up, f, skip])
+        check("ida_upsample_backward", [activation(size, dtype, dev, "cl"), z, scale, shift, up, f])
