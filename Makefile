@@ -1,5 +1,6 @@
 # Everything runs inside a local virtual environment (.venv) built from requirements/dev.txt.
 # `make demo` runs the main job, `make test` the test suite; both set themselves up first.
+SHELL := /bin/bash
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -26,8 +27,8 @@ $(VENV)/.deps: requirements/dev.txt
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.deps $(SOURCES)
-	MAX_JOBS=$(JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -v -e . 2>&1 \
-		| grep -E '\[dla_fused\]|rror' || true
+	set -o pipefail; MAX_JOBS=$(JOBS) $(PY) -m pip install --no-build-isolation --no-deps -v -e . 2>&1 \
+		| tee $(VENV)/build.log | grep -E '^ *\[dla_fused\]' || { tail -40 $(VENV)/build.log; exit 1; }
 	$(PY) -c "import torch, dla_fused._C"
 	touch $@
 

@@ -280,11 +280,15 @@ class IDAUpStep(nn.Module):
     """One fused IDA-Up step with DLA-Up's parameter layout: `proj` is Sequential(Conv2d 1x1 no
     bias, BatchNorm2d, ReLU) or Identity (when in_channels == out_channels), `up` is the depthwise
     ConvTranspose2d(C, C, 2f, stride f, padding f // 2, groups C, bias False) with bilinear init
-    (trainable) or Identity (factor 1). forward(x, skip=None) -> up(proj(x)) (+ skip).
+    (trainable) or Identity (factor 1). forward(x, skip) -> up(proj(x)) + skip when built with
+    skip=True, forward(x) -> up(proj(x)) otherwise.
     """
 
-    def __init__(self, in_channels: int, out_channels: int, factor: int, process_group=None):
+    def __init__(self, in_channels: int, out_channels: int, factor: int, skip: bool = False,
+                 process_group=None):
         super().__init__()
+        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
+            raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
         from ..models.dla_up import fill_up_weights
         if in_channels == out_channels:
             self.proj = nn.Identity()
@@ -297,22 +301,26 @@ class IDAUpStep(nn.Module):
             self.up = nn.ConvTranspose2d(out_channels, out_channels, 2 * factor, stride=factor,
                                          padding=factor // 2, groups=out_channels, bias=False)
             fill_up_weights(self.up)
-        self.process_group = process_group
+        self.skip, self.process_group = skip, process_group
 
     @classmethod
-    def from_modules(cls, proj: nn.Module, up: nn.Module, process_group=None) -> "IDAUpStep":
+    def from_modules(cls, proj: nn.Module, up: nn.Module, skip: Optional[bool] = None,
+                     process_group=None) -> "IDAUpStep":
         """Wrap existing modules (parameters shared): `proj` a Sequential(Conv2d 1x1, BatchNorm2d,
         ReLU) or Identity; `up` a depthwise ConvTranspose2d (kernel 2f, stride f, padding f // 2)
-        or Identity."""
+        or Identity. skip=None leaves the skip argument of forward optional."""
         step = cls.__new__(cls)
         nn.Module.__init__(step)
-        step.proj, step.up, step.process_group = proj, up, process_group
+        step.proj, step.up, step.skip, step.process_group = proj, up, skip, process_group
         step.fusion_problems()  # raises on modules that cannot be fused
         return step
 
     def to_modules(self) -> Tuple[nn.Module, nn.Module]:
-        """The plain (proj, up) pair, sharing this module's parameters."""
+        """The plain (proj, up) pair, sharing this module's parameters: up(proj(x)) (+ skip)."""
         return self.proj, self.up
+
+    def extra_repr(self) -> str:
+        return "" if self.skip is None else f"skip={self.skip}"
 
     def fusion_problems(self) -> None:
         proj, up = self.proj, self.up
@@ -333,6 +341,9 @@ class IDAUpStep(nn.Module):
                                  f"stride f, padding f // 2 and no bias; got {up}")
 
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
+        if self.skip is not None and self.skip != (skip is not None):
+            raise ValueError("this IDAUpStep was built with skip=True: call it as step(x, skip)" if self.skip
+                             else "this IDAUpStep was built with skip=False: call it as step(x)")
         up = None if isinstance(self.up, nn.Identity) else self.up
         factor = 1 if up is None else up.stride[0]
         if isinstance(self.proj, nn.Identity):
