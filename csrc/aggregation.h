@@ -33,49 +33,59 @@ struct AffineOp {
   }
 };
 
-// g = a * (b > 0) (a when not masked), then g * scale + z_coef * (z - mean) + bias (each step
+// g = a * (b > 0) (a when not MASKED), then g * scale + z_coef * (z - mean) + bias (each step
 // optional; bias and mean come with z_coef): agg_backward_dz_ and the masked gradient.
-template <typename acc_t>
+template <typename acc_t, bool MASKED>
 struct GradOp {
   const acc_t* scale;
   const acc_t* z_coef;
   const acc_t* bias;
   const acc_t* mean;
-  bool masked;
 
   C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t a, acc_t b, acc_t z) const {
-    acc_t g = masked ? a * acc_t(b > acc_t(0)) : a;
+    acc_t g = MASKED ? masked_by(a, b) : a;
     if (scale) g = g * scale[c];
     if (z_coef) g = g + z_coef[c] * (z - mean[c]) + bias[c];
     return g;
   }
 };
 
-// Batch mean and biased variance of z.
+// Batch mean and biased variance of z from sums of (z - k) and (z - k)^2, with k[c] one value of
+// channel c (the shifted-data algorithm): the shift removes the mean's magnitude, so a mean of 100
+// with a standard deviation of 1 loses no precision to cancellation, and no per-element division
+// is needed (unlike Welford's update).
 template <typename acc_t>
 struct MomentsOp {
-  using State = Moments<acc_t>;
-  C10_HOST_DEVICE void operator()(State& s, int64_t, acc_t z, acc_t, acc_t) const { s.add(z); }
+  using State = Sums<acc_t, 2>;
+  const acc_t* k;
+  C10_HOST_DEVICE void operator()(State& s, int64_t c, acc_t z, acc_t, acc_t) const {
+    const acc_t d = z - k[c];
+    s.v[0] += d;
+    s.v[1] += d * d;
+  }
 };
 
 template <typename acc_t>
 struct MomentsFinish {
+  const acc_t* k;
   acc_t* mean;
   acc_t* var;
-  C10_HOST_DEVICE void operator()(int64_t, int64_t c, const Moments<acc_t>& s) const {
-    mean[c] = s.mean;
-    var[c] = s.m2 / s.count;
+  acc_t count;
+  C10_HOST_DEVICE void operator()(int64_t, int64_t c, const Sums<acc_t, 2>& s) const {
+    const acc_t m = s.v[0] / count;
+    mean[c] = k[c] + m;
+    const acc_t v = s.v[1] / count - m * m;
+    var[c] = v > acc_t(0) ? v : acc_t(0);
   }
 };
 
-// sum g and sum g (z - mean), g = grad_out * (out > 0) (grad_out when not masked).
-template <typename acc_t>
+// sum g and sum g (z - mean), g = grad_out * (out > 0) (grad_out when not MASKED).
+template <typename acc_t, bool MASKED>
 struct GradSumsOp {
   using State = Sums<acc_t, 2>;
   const acc_t* mean;
-  bool masked;
   C10_HOST_DEVICE void operator()(State& s, int64_t c, acc_t grad, acc_t out, acc_t z) const {
-    const acc_t g = masked ? grad * acc_t(out > acc_t(0)) : grad;
+    const acc_t g = MASKED ? masked_by(grad, out) : grad;
     s.v[0] += g;
     s.v[1] += g * (z - mean[c]);
   }
@@ -111,11 +121,17 @@ struct Aggregation {
     at::Tensor mean = at::empty({stats ? c_out : 0}, vec_options);
     at::Tensor var = at::empty({stats ? c_out : 0}, vec_options);
     if (stats) {
+      const at::Tensor k = z.select(0, 0).select(1, 0).select(1, 0).to(vec_options).contiguous();  // z[0, :, 0, 0]
       reduce_channels<Loops>(
-          op, z, {}, {}, cl, [](auto acc) { return MomentsOp<decltype(acc)>{}; },
+          op, z, {}, {}, cl,
           [&](auto acc) {
             using acc_t = decltype(acc);
-            return MomentsFinish<acc_t>{mean.data_ptr<acc_t>(), var.data_ptr<acc_t>()};
+            return MomentsOp<acc_t>{k.data_ptr<acc_t>()};
+          },
+          [&](auto acc) {
+            using acc_t = decltype(acc);
+            return MomentsFinish<acc_t>{k.data_ptr<acc_t>(), mean.data_ptr<acc_t>(), var.data_ptr<acc_t>(),
+                                        static_cast<acc_t>(N * H * W)};
           });
     }
     if (shift || residual || relu) {
@@ -164,16 +180,18 @@ struct Aggregation {
     const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl), zz = in_layout(z, cl);
     at::Tensor sum_g = at::empty({C}, mean.options());
     at::Tensor sum_gz = at::empty({C}, mean.options());
-    reduce_channels<Loops>(
-        op, g, o, zz, cl,
-        [&](auto acc) {
-          using acc_t = decltype(acc);
-          return GradSumsOp<acc_t>{mean.data_ptr<acc_t>(), o.defined()};
-        },
-        [&](auto acc) {
-          using acc_t = decltype(acc);
-          return SumsFinish<acc_t>{sum_g.data_ptr<acc_t>(), sum_gz.data_ptr<acc_t>()};
-        });
+    with_flag(o.defined(), [&](auto masked) {
+      reduce_channels<Loops>(
+          op, g, o, zz, cl,
+          [&](auto acc) {
+            using acc_t = decltype(acc);
+            return GradSumsOp<acc_t, decltype(masked)::value>{mean.data_ptr<acc_t>()};
+          },
+          [&](auto acc) {
+            using acc_t = decltype(acc);
+            return SumsFinish<acc_t>{sum_g.data_ptr<acc_t>(), sum_gz.data_ptr<acc_t>()};
+          });
+    });
     return {sum_g, sum_gz};
   }
 
@@ -196,10 +214,12 @@ struct Aggregation {
     const bool cl = is_channels_last(z);
     const at::Tensor work = in_layout(z, cl);
     const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl);
-    map_channels<Loops>(op, work, g, o, z_coef ? work : at::Tensor(), cl, [&](auto acc) {
-      using acc_t = decltype(acc);
-      return GradOp<acc_t>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef), data_or_null<acc_t>(bias),
-                           data_or_null<acc_t>(mean), o.defined()};
+    with_flag(o.defined(), [&](auto masked) {
+      map_channels<Loops>(op, work, g, o, z_coef ? work : at::Tensor(), cl, [&](auto acc) {
+        using acc_t = decltype(acc);
+        return GradOp<acc_t, decltype(masked)::value>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef),
+                                                      data_or_null<acc_t>(bias), data_or_null<acc_t>(mean)};
+      });
     });
     if (!work.is_same(z)) z.copy_(work);
   }
@@ -227,9 +247,11 @@ struct Aggregation {
     if (grad_out) {
       first = at::empty(d.sizes(), d.options().memory_format(memory_format(cl)));
       const at::Tensor o = in_layout(out, cl);
-      map_channels<Loops>(op, first, in_layout(grad_out, cl), o, {}, cl, [&](auto acc) {
-        using acc_t = decltype(acc);
-        return GradOp<acc_t>{nullptr, nullptr, nullptr, nullptr, o.defined()};
+      with_flag(o.defined(), [&](auto masked) {
+        map_channels<Loops>(op, first, in_layout(grad_out, cl), o, {}, cl, [&](auto acc) {
+          using acc_t = decltype(acc);
+          return GradOp<acc_t, decltype(masked)::value>{nullptr, nullptr, nullptr, nullptr};
+        });
       });
     }
     return conv1x1_backward(d, children, weight, first, cl);

@@ -21,20 +21,28 @@
 
 #include <algorithm>
 #include <type_traits>
+#include <utility>
 
 #include "checks.h"
 #include "kernel_utils.h"
 
 namespace dla_fused {
 
-// Calls f(std::true_type) for channels_last, f(std::false_type) for NCHW.
+// Calls f(std::true_type) or f(std::false_type): turns a run-time flag into a compile-time one, so
+// that per-element code has no data-dependent branch left (see masked_by in kernel_utils.h).
 template <typename F>
-void with_layout(bool channels_last, F&& f) {
-  if (channels_last) {
+void with_flag(bool flag, F&& f) {
+  if (flag) {
     f(std::true_type{});
   } else {
     f(std::false_type{});
   }
+}
+
+// Calls f(std::true_type) for channels_last, f(std::false_type) for NCHW.
+template <typename F>
+void with_layout(bool channels_last, F&& f) {
+  with_flag(channels_last, std::forward<F>(f));
 }
 
 // out = op(c, a, b, d) elementwise; b and d may be null (the op then ignores them).

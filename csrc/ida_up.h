@@ -49,12 +49,12 @@ struct ProjectAddOp {
 };
 
 // Without upsampling: grad of p masked by p > 0 (unmasked without projection).
-template <typename acc_t>
+template <typename acc_t, bool MASKED>
 struct ProjectMaskOp {
   const acc_t* scale;
   const acc_t* shift;
   C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t grad, acc_t, acc_t z) const {
-    return scale ? grad * acc_t(project(z, scale, shift, c) > acc_t(0)) : grad;
+    return MASKED ? masked_by(grad, project(z, scale, shift, c)) : grad;
   }
 };
 
@@ -106,8 +106,12 @@ struct UpsampleVisit {
       const scalar_t* zc = z + nc * g.h * g.w;
       const acc_t* wc = weight + c * g.K * g.K;
       first_tap(oy, g, iy0, ky0);
+      first_tap(ox0, g, ix0, kx0);
       for (int v = 0; v < VEC; ++v) {
-        first_tap(ox0 + v, g, ix0, kx0);
+        if (v > 0 && ++kx0 == g.f) {  // the next output column: no division per element
+          kx0 = 0;
+          ++ix0;
+        }
         for (int dy = 0; dy < 2; ++dy) {
           const int64_t iy = iy0 - dy;
           if (iy < 0 || iy >= g.h) continue;
@@ -185,7 +189,7 @@ struct UpsampleGradVisit {
       acc_t zv[VEC];
       load(z, off, zv);
       const int64_t c = CL ? j * VEC : (row / g.h) % g.C;
-      for (int v = 0; v < VEC; ++v) acc[v] *= acc_t(project(zv[v], scale, shift, CL ? c + v : c) > acc_t(0));
+      for (int v = 0; v < VEC; ++v) acc[v] = masked_by(acc[v], project(zv[v], scale, shift, CL ? c + v : c));
     }
     store(grad_p, off, acc);
   }
@@ -315,9 +319,11 @@ struct IdaUp {
     const at::Tensor zz = in_layout(z, cl), go = in_layout(grad_out, cl);
     at::Tensor grad_p = at::empty(z.sizes(), z.options().memory_format(memory_format(cl)));
     if (!up_weight) {
-      map_channels<Loops>(op, grad_p, go, {}, zz, cl, [&](auto acc) {
-        using acc_t = decltype(acc);
-        return ProjectMaskOp<acc_t>{data_or_null<acc_t>(scale), data_or_null<acc_t>(shift)};
+      with_flag(scale.has_value(), [&](auto masked) {
+        map_channels<Loops>(op, grad_p, go, {}, zz, cl, [&](auto acc) {
+          using acc_t = decltype(acc);
+          return ProjectMaskOp<acc_t, decltype(masked)::value>{data_or_null<acc_t>(scale), data_or_null<acc_t>(shift)};
+        });
       });
       return {grad_p, at::empty({0}, z.options())};
     }

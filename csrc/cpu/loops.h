@@ -1,5 +1,6 @@
 // CPU driver of the hand-written kernels (interface in ../channel_ops.h): at::parallel_for over
-// rows, one element per step (VEC = 1; the compiler vectorises the inner loops it can).
+// rows, one vector of 32 bytes per step when length and alignment allow (the visit's fixed-size
+// loops over the vector then compile to SIMD), one element otherwise.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -10,6 +11,8 @@
 #include <initializer_list>
 #include <type_traits>
 #include <vector>
+
+#include "../kernel_utils.h"
 
 namespace dla_fused {
 
@@ -34,8 +37,31 @@ struct CpuLoops {
   }
 
   template <typename scalar_t, typename Make>
-  static void for_each(Make&& make, int64_t /*vec_len*/, std::initializer_list<const void*> /*ptrs*/) {
-    const auto visit = make(std::integral_constant<int, 1>{});
+  static void for_each(Make&& make, int64_t vec_len, std::initializer_list<const void*> ptrs) {
+    constexpr int kVec = kVecBytes / sizeof(scalar_t);
+    if (vectorizable(kVec, kVecBytes, vec_len, ptrs)) {
+      run(make(std::integral_constant<int, kVec>{}));
+    } else {
+      run(make(std::integral_constant<int, 1>{}));
+    }
+  }
+
+  template <typename scalar_t, typename Make, typename Finish>
+  static void reduce(Make&& make, const Finish& finish, int64_t vec_len, std::initializer_list<const void*> ptrs,
+                     int64_t channels, int64_t parts, const at::Tensor& /*like*/) {
+    constexpr int kVec = kVecBytes / sizeof(scalar_t);
+    if (vectorizable(kVec, kVecBytes, vec_len, ptrs)) {
+      run_reduce(make(std::integral_constant<int, kVec>{}), finish, channels, parts);
+    } else {
+      run_reduce(make(std::integral_constant<int, 1>{}), finish, channels, parts);
+    }
+  }
+
+ private:
+  static constexpr int kVecBytes = 32;  // one AVX register: the fixed-size inner loops vectorise
+
+  template <typename Visit>
+  static void run(const Visit& visit) {
     const int64_t rows = visit.rows(), inner = visit.inner();
     if (rows == 0 || inner == 0) return;
     at::parallel_for(0, rows, std::max<int64_t>(1, kGrainElements / inner), [&](int64_t begin, int64_t end) {
@@ -46,39 +72,37 @@ struct CpuLoops {
   }
 
   // Partial states per (part, slice of rows, channel), merged per (part, channel) in slice order.
-  template <typename scalar_t, typename Make, typename Finish>
-  static void reduce(Make&& make, const Finish& finish, int64_t /*vec_len*/,
-                     std::initializer_list<const void*> /*ptrs*/, int64_t channels, int64_t parts,
-                     const at::Tensor& /*like*/) {
-    const auto visit = make(std::integral_constant<int, 1>{});
-    using Visit = std::decay_t<decltype(visit)>;
+  template <typename Visit, typename Finish>
+  static void run_reduce(const Visit& visit, const Finish& finish, int64_t channels, int64_t parts) {
     using State = typename Visit::State;
-    static_assert(Visit::vec == 1, "CPU visits are scalar");
+    constexpr int VEC = Visit::vec;
     const int64_t rows = visit.rows(), inner = visit.inner();
     const int64_t slices = std::clamp<int64_t>(rows, 1, kSlices);
     const auto first_row = [&](int64_t slice) { return slice * rows / slices; };
     std::vector<State> partial(parts * slices * channels, State::identity());
     if constexpr (Visit::channels_last) {
-      // One task per (part, slice) keeps a state per channel; row j is channel j.
+      // One task per (part, slice) keeps a state per channel; vector j holds channels j*VEC...
       at::parallel_for(0, parts * slices, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t part = task / slices, slice = task % slices;
           State* states = partial.data() + task * channels;
           for (int64_t row = first_row(slice); row < first_row(slice + 1); ++row) {
-            for (int64_t j = 0; j < inner; ++j) visit(states + j, row, j, j, part);
+            for (int64_t j = 0; j < inner; ++j) visit(states + j * VEC, row, j, j * VEC, part);
           }
         }
       });
     } else {
-      // One task per (part, slice, channel).
+      // One task per (part, slice, channel), VEC states merged at the end.
       at::parallel_for(0, parts * slices * channels, 1, [&](int64_t begin, int64_t end) {
         for (int64_t task = begin; task < end; ++task) {
           const int64_t c = task % channels, part = task / channels / slices, slice = task / channels % slices;
-          State state = State::identity();
+          State states[VEC];
+          for (int v = 0; v < VEC; ++v) states[v] = State::identity();
           for (int64_t row = first_row(slice); row < first_row(slice + 1); ++row) {
-            for (int64_t j = 0; j < inner; ++j) visit(&state, row, j, c, part);
+            for (int64_t j = 0; j < inner; ++j) visit(states, row, j, c, part);
           }
-          partial[task] = state;
+          for (int v = 1; v < VEC; ++v) states[0].merge(states[v]);
+          partial[task] = states[0];
         }
       });
     }

@@ -147,15 +147,6 @@ void launch_reduce(const Visit& visit, const Finish& finish, int64_t channels, i
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-// 16-byte vectors when the contiguous length is a multiple of VEC and every pointer is aligned.
-inline bool vectorizable(int vec, int64_t vec_len, std::initializer_list<const void*> ptrs) {
-  if (vec_len % vec != 0) return false;
-  for (const void* p : ptrs) {
-    if (p != nullptr && reinterpret_cast<uintptr_t>(p) % 16 != 0) return false;
-  }
-  return true;
-}
-
 }  // namespace cuda_loops
 
 struct CudaLoops {
@@ -182,7 +173,7 @@ struct CudaLoops {
   template <typename scalar_t, typename Make>
   static void for_each(Make&& make, int64_t vec_len, std::initializer_list<const void*> ptrs) {
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (cuda_loops::vectorizable(kVec, vec_len, ptrs)) {
+    if (vectorizable(kVec, 16, vec_len, ptrs)) {
       cuda_loops::launch_for_each(make(std::integral_constant<int, kVec>{}));
     } else {
       cuda_loops::launch_for_each(make(std::integral_constant<int, 1>{}));
@@ -193,7 +184,7 @@ struct CudaLoops {
   static void reduce(Make&& make, const Finish& finish, int64_t vec_len, std::initializer_list<const void*> ptrs,
                      int64_t channels, int64_t parts, const at::Tensor& like) {
     constexpr int kVec = 16 / sizeof(scalar_t);
-    if (cuda_loops::vectorizable(kVec, vec_len, ptrs)) {
+    if (vectorizable(kVec, 16, vec_len, ptrs)) {
       cuda_loops::launch_reduce(make(std::integral_constant<int, kVec>{}), finish, channels, parts, like);
     } else {
       cuda_loops::launch_reduce(make(std::integral_constant<int, 1>{}), finish, channels, parts, like);

@@ -119,5 +119,5 @@ def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[T
         else:
             factor = momentum
         unbiased = var * (count / max(count - 1, 1))
-        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype) * factor)
-        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype) * factor)
+        running_mean.lerp_(mean.to(running_mean.dtype), factor)  # (1 - factor) running + factor batch
+        running_var.lerp_(unbiased.to(running_var.dtype), factor)

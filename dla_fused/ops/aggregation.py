@@ -1,8 +1,9 @@
 """The aggregation node: relu(bn(conv1x1(concat(children))) (+ children[0])), fused.
 
 Top to bottom: the plain-PyTorch reference (the spec) -> the custom ops `dla_fused::aggregation_node`
-and its backward, with fake kernels and autograd -> the synchronised-statistics variant -> the
-functional API (checks, autocast, running statistics, backend choice) -> the module.
+and its backward, with fake kernels and autograd (what torch.compile sees) -> the same as an
+autograd.Function (eager calls, synchronised statistics) -> the functional API (checks, autocast,
+running statistics, backend choice) -> the module.
 
 What the fused op saves for backward: the children and weights (already alive), its output (alive)
 and four per-channel vectors. The conv output z is recomputed from the children in backward; the
@@ -130,30 +131,37 @@ def _backward(ctx, grad_out, _grad_mean, _grad_var):
 _aggregation_node_op.register_autograd(_backward, setup_context=_setup_context)
 
 
-class _SyncAggregationNode(torch.autograd.Function):
-    """The same computation with statistics and backward sums combined over a process group."""
+class _AggregationNodeFunction(torch.autograd.Function):
+    """The same computation as the custom op, as a plain autograd.Function: eager calls take this
+    path (a few tens of microseconds less Python per call than the custom op, which torch.compile
+    uses), and it is the only path that takes a process group. `count_box` (a list) receives the
+    number of pixels the statistics were taken over, all ranks included."""
 
     @staticmethod
-    def forward(ctx, group, weight, bn_weight, bn_bias, eps, residual, *children):
+    def forward(ctx, group, count_box, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
+                residual, *children):
         P = backend.primitives_for(children[0].device)
-        out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, None, None,
-                                         True, eps, residual, group)
+        out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, running_mean, running_var,
+                                         batch_stats, eps, residual, group)
+        count_box.append(count)
         ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
-        ctx.args = (group, eps, residual, count)
+        ctx.args = (group, batch_stats, eps, residual, count)
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var, torch.tensor(count)
+        return out, mean, var
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
         out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
-        group, eps, residual, count = ctx.args
+        group, batch_stats, eps, residual, count = ctx.args
         P = backend.primitives_for(out.device)
         grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
-        grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1),
-                                                     bn_weight, mean, var, eps, True, residual,
-                                                     group=group, count=count)
-        return (None, grad_w.view_as(weight), grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype),
-                None, None, *grads)
+        bn_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
+        grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
+                                                     mean, var, eps, batch_stats, residual, group=group,
+                                                     count=count, bn_grads=bn_grads)
+        if grad_g is not None:
+            grad_g, grad_b = grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
+        return (None, None, grad_w.view_as(weight), grad_g, grad_b, None, None, None, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -233,14 +241,16 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
     if len(children) > MAX_CHILDREN_PER_KERNEL:
         children = _merge_tail(children, weight)
-    if process_group is not None and batch_stats:
-        out, mean, var, count = _SyncAggregationNode.apply(process_group, weight, bn_weight, bn_bias,
-                                                           eps, residual, *children)
-        count = int(count)
-    else:
+    group = process_group if batch_stats else None
+    if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.aggregation_node(
             children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual)
         count = _bn.pixel_count(children[0])
+    else:
+        count_box = []
+        out, mean, var = _AggregationNodeFunction.apply(group, count_box, weight, bn_weight, bn_bias, running_mean,
+                                                        running_var, batch_stats, eps, residual, *children)
+        count = count_box[0]
     if training:
         _bn.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return out

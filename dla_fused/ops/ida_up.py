@@ -2,8 +2,8 @@
 (ConvTranspose2d, kernel 2f, stride f, padding f//2, groups C) -> (+ skip), fused.
 
 Top to bottom: the plain-PyTorch reference (the spec) -> the custom ops `dla_fused::ida_up` and
-its backward, with fake kernels and autograd -> the synchronised-statistics variant -> the
-functional API -> the module.
+its backward, with fake kernels and autograd (what torch.compile sees) -> the same as an
+autograd.Function (eager calls, synchronised statistics) -> the functional API -> the module.
 
 The full-resolution output is never saved for backward, nor the projection output: backward
 recomputes the coarse map from the input. Saved: the input, the weights and two per-channel
@@ -74,14 +74,14 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
     if proj_weight is None:
         grad_x, grad_up = P.ida_upsample_backward(grad_out, x, None, None, up_weight, factor)
-        return grad_x, None, None, None, grad_up
+        return grad_x, None, None, None, grad_up if up_weight is not None else None
     weight2d = proj_weight.flatten(1)
     scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
     z = _bn.recompute_product(P, [x], weight2d)
     grad_p, grad_up = P.ida_upsample_backward(grad_out, z, scale, shift, up_weight, factor)
     grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_p, None, [x], weight2d, bn_weight, mean, var, eps,
                                                  batch_stats, False, group, count, bn_grads, z=z)
-    return grads[0], grad_w.view_as(proj_weight), grad_g, grad_b, grad_up
+    return grads[0], grad_w.view_as(proj_weight), grad_g, grad_b, grad_up if up_weight is not None else None
 
 
 @torch.library.custom_op("dla_fused::ida_up", mutates_args=())
@@ -156,29 +156,37 @@ def _autograd_backward(ctx, grad_out, _grad_mean, _grad_var):
 _ida_up_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 
 
-class _SyncIDAUp(torch.autograd.Function):
-    """The same computation with projection statistics combined over a process group."""
+class _IDAUpFunction(torch.autograd.Function):
+    """The same computation as the custom op, as a plain autograd.Function: eager calls take this
+    path (less Python per call than the custom op, which torch.compile uses), and it is the only
+    path that takes a process group. `count_box` (a list) receives the number of pixels the
+    statistics were taken over, all ranks included."""
 
     @staticmethod
-    def forward(ctx, group, x, proj_weight, bn_weight, bn_bias, eps, up_weight, factor, skip):
+    def forward(ctx, group, count_box, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
+                eps, up_weight, factor, skip):
         P = backend.primitives_for(x.device)
-        out, mean, var, count = _forward(P, x, proj_weight, bn_weight, bn_bias, None, None, True, eps,
-                                         up_weight, factor, skip, group)
+        out, mean, var, count = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
+                                         batch_stats, eps, up_weight, factor, skip, group)
+        count_box.append(count)
         ctx.save_for_backward(x, proj_weight, bn_weight, bn_bias, up_weight, mean, var)
-        ctx.args = (group, eps, factor, count, skip is not None)
+        ctx.args = (group, batch_stats, eps, factor, count, skip is not None)
         ctx.mark_non_differentiable(mean, var)
-        return out, mean, var, torch.tensor(count)
+        return out, mean, var
 
     @staticmethod
-    def backward(ctx, grad_out, _grad_mean, _grad_var, _grad_count):
+    def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, proj_weight, bn_weight, bn_bias, up_weight, mean, var = ctx.saved_tensors
-        group, eps, factor, count, has_skip = ctx.args
+        group, batch_stats, eps, factor, count, has_skip = ctx.args
         P = backend.primitives_for(x.device)
-        grad_x, grad_w, grad_g, grad_b, grad_up = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias,
-                                                            mean, var, True, eps, up_weight, factor,
-                                                            group, count)
-        return (None, grad_x, grad_w, grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype), None,
-                grad_up, None, grad_out if has_skip else None)
+        bn_grads = proj_weight is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+        grad_x, grad_w, grad_g, grad_b, grad_up = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean,
+                                                            var, batch_stats, eps, up_weight, factor, group, count,
+                                                            bn_grads)
+        if grad_g is not None:
+            grad_g, grad_b = grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
+        return (None, None, grad_x, grad_w, grad_g, grad_b, None, None, None, None, grad_up, None,
+                grad_out if has_skip else None)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,14 +268,16 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
     _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
               up_weight, factor, skip)
     backend.resolve(x.device)  # raises if the selected backend cannot serve this device
-    if process_group is not None and proj_weight is not None and batch_stats:
-        out, mean, var, count = _SyncIDAUp.apply(process_group, x, proj_weight, bn_weight, bn_bias, eps,
-                                                 up_weight, factor, skip)
-        count = int(count)
-    else:
+    group = process_group if proj_weight is not None and batch_stats else None
+    if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.ida_up(x, proj_weight, bn_weight, bn_bias, running_mean,
                                                     running_var, batch_stats, eps, up_weight, factor, skip)
         count = _bn.pixel_count(x)
+    else:
+        count_box = []
+        out, mean, var = _IDAUpFunction.apply(group, count_box, x, proj_weight, bn_weight, bn_bias, running_mean,
+                                              running_var, batch_stats, eps, up_weight, factor, skip)
+        count = count_box[0]
     if training and proj_weight is not None:
         _bn.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return out

@@ -1,0 +1,190 @@
+"""Op level: the aggregation node at every distinct dla34 root (plus the widest dla169 root) and
+the IDA-Up steps of dla34up and the CenterNet-style net; eager (NCHW and channels_last),
+torch.compile of the eager reference, and each fused backend; forward, backward and both."""
+import functools
+
+import pytest
+import torch
+
+import bench_utils as bu
+from dla_fused import backend, models
+from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference
+from dla_fused.ops.ida_up import ida_up, ida_up_reference
+
+INNER = 10 if bu.GPU else 2
+# Backward alone is timed by replaying one graph (retain_graph=True), which compiled graphs refuse
+# when they donate their buffers to the backward.
+torch._functorch.config.donated_buffer = False
+
+
+def _capture(name, hook_target, image, **kwargs):
+    """Run model `name` on the meta device and collect what `hook_target(model)` records."""
+    with torch.device("meta"):
+        model = models.create_model(name, **kwargs).train()
+        seen = hook_target(model)
+        model(torch.empty(bu.OP_BATCH, 3, image, image))
+    return seen
+
+
+def _roots(model):
+    seen = {}
+    for module in model.modules():
+        if isinstance(module, models.Root):
+            module.register_forward_pre_hook(lambda m, args: seen.setdefault(
+                (tuple(tuple(a.shape) for a in args), m.conv.out_channels, m.residual), None))
+    return seen
+
+
+def _ida_steps(model):
+    seen = {}
+    for module in model.modules():
+        if hasattr(type(module), "project_up"):
+            def wrapped(i, x, skip=None, _m=module, _orig=module.project_up):
+                proj, up = getattr(_m, f"proj_{i}"), getattr(_m, f"up_{i}")
+                fused_proj = isinstance(proj, torch.nn.Sequential)
+                channels = proj[0].out_channels if fused_proj else (
+                    x.shape[1] if isinstance(proj, torch.nn.Identity) else proj.actf[0].num_features)
+                factor = 1 if isinstance(up, torch.nn.Identity) else up.stride[0]
+                if factor > 1:
+                    seen.setdefault((tuple(x.shape) if fused_proj or isinstance(proj, torch.nn.Identity)
+                                     else (x.shape[0], channels, *x.shape[2:]),
+                                     channels if fused_proj else None, factor, skip is not None), None)
+                return _orig(i, x, skip)
+            module.project_up = wrapped
+    return seen
+
+
+@functools.lru_cache(maxsize=None)
+def agg_cases():
+    cases = {}
+    for (shapes, out, residual) in _capture("dla34", _roots, bu.OP_IMAGE):
+        h, w = shapes[0][2:]
+        cases[f"dla34 {list(s[1] for s in shapes)}->{out} {h}x{w}"] = (shapes, out, residual)
+    dla169 = _capture("dla169", _roots, bu.OP_IMAGE)
+    shapes, out, residual = max(dla169, key=lambda k: (len(k[0]), sum(s[1] for s in k[0])))
+    cases[f"dla169 {list(s[1] for s in shapes)}->{out} {shapes[0][2]}x{shapes[0][3]}"] = (shapes, out, residual)
+    return cases
+
+
+@functools.lru_cache(maxsize=None)
+def ida_cases():
+    cases = {}
+    for net in ("dla34up", "centernet_dla34"):
+        for (shape, proj_out, factor, skip) in _capture(net, _ida_steps, bu.OP_IMAGE):
+            label = f"{net} {shape[1]}" + (f"->{proj_out}" if proj_out else "") + f" x{factor} {shape[2]}x{shape[3]}"
+            cases[label + (" +skip" if skip else "")] = (shape, proj_out, factor, skip)
+    return cases
+
+
+def _providers():
+    return ["eager", "eager_cl", "compiled"] + [f"fused:{b}" for b in bu.fused_backends()]
+
+
+def _layout(provider):
+    if provider == "eager":
+        return torch.contiguous_format
+    if provider == "eager_cl":
+        return torch.channels_last
+    return bu.LAYOUT
+
+
+def _agg_inputs(case, layout):
+    shapes, out, residual = agg_cases()[case]
+    g = torch.Generator(device=bu.DEVICE).manual_seed(0)
+    t = lambda *s: torch.randn(*s, device=bu.DEVICE, generator=g)  # noqa: E731
+    children = [t(*s).to(bu.DTYPE).contiguous(memory_format=layout).requires_grad_() for s in shapes]
+    cin = sum(s[1] for s in shapes)
+    weight = (t(out, cin, 1, 1) / cin ** 0.5).to(bu.DTYPE).requires_grad_()
+    gamma, beta = (t(out).abs() + 0.5).requires_grad_(), t(out).requires_grad_()
+    stats = dict(running_mean=torch.zeros(out, device=bu.DEVICE), running_var=torch.ones(out, device=bu.DEVICE))
+    inputs = children + [weight, gamma, beta]
+    p = shapes[0][0] * shapes[0][2] * shapes[0][3]
+    elt = children[0].element_size()
+    min_bytes = elt * p * (cin + out) + elt * p * (2 * cin + 2 * out)  # fwd: x, y; bwd: x, dy, y, dx
+    return children, weight, gamma, beta, stats, residual, inputs, min_bytes
+
+
+def _agg_fn(provider):
+    if provider.startswith("fused:"):
+        backend.set_backend(provider.split(":")[1])
+        return aggregation_node
+    backend.set_backend("auto")
+    ref = lambda *a, **k: aggregation_node_reference(*a, **k)  # noqa: E731
+    return torch.compile(aggregation_node_reference) if provider == "compiled" else ref
+
+
+def _measure(benchmark, group, case, provider, mode, call, inputs, min_bytes):
+    """Time `mode` of `call()` (forward returning the output) and record it."""
+    out = call()
+    grad = torch.randn_like(out)
+    if mode == "fwd":
+        fn = call
+    elif mode == "bwd":
+        fn = lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)  # noqa: E731
+    else:
+        fn = lambda: torch.autograd.grad(call(), inputs, grad)  # noqa: E731
+    seconds = bu.time_per_call(benchmark, fn, INNER)
+    memory = saved = None
+    if mode == "fwd+bwd":
+        memory = bu.peak_memory(fn)
+        saved = bu.saved_bytes(call, exclude=inputs)
+    record_bytes = min_bytes if mode == "fwd+bwd" else None
+    bu.record(group, case, provider, mode, seconds, memory=memory, saved=saved, min_bytes=record_bytes)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("case", list(agg_cases()))
+def test_aggregation_node(benchmark, case, provider, mode):
+    fn = _agg_fn(provider)
+    children, weight, gamma, beta, stats, residual, inputs, min_bytes = _agg_inputs(case, _layout(provider))
+
+    def call():
+        return fn(children, weight, gamma, beta, stats["running_mean"], stats["running_var"], None, True,
+                  0.1, 1e-5, residual)
+    benchmark.group = f"aggregation {case} {mode}"
+    _measure(benchmark, "aggregation node", case, provider, mode, call, inputs, min_bytes)
+
+
+def _ida_inputs(case, layout):
+    shape, proj_out, factor, skip = ida_cases()[case]
+    g = torch.Generator(device=bu.DEVICE).manual_seed(0)
+    t = lambda *s: torch.randn(*s, device=bu.DEVICE, generator=g)  # noqa: E731
+    x = t(*shape).to(bu.DTYPE).contiguous(memory_format=layout).requires_grad_()
+    channels = proj_out or shape[1]
+    args = dict(x=x)
+    if proj_out:
+        args.update(proj_weight=(t(proj_out, shape[1], 1, 1) / shape[1] ** 0.5).to(bu.DTYPE).requires_grad_(),
+                    bn_weight=(t(proj_out).abs() + 0.5).requires_grad_(), bn_bias=t(proj_out).requires_grad_(),
+                    running_mean=torch.zeros(proj_out, device=bu.DEVICE),
+                    running_var=torch.ones(proj_out, device=bu.DEVICE))
+    args["up_weight"] = (t(channels, 1, 2 * factor, 2 * factor) / factor).to(bu.DTYPE).requires_grad_()
+    big = (shape[0], channels, shape[2] * factor, shape[3] * factor)
+    if skip:
+        args["skip"] = t(*big).to(bu.DTYPE).contiguous(memory_format=layout).requires_grad_()
+    inputs = [v for k, v in args.items() if isinstance(v, torch.Tensor) and v.requires_grad]
+    elt = x.element_size()
+    coarse, fine = shape[0] * shape[2] * shape[3], big[0] * big[2] * big[3]
+    # fwd: x in, out (and skip) ; bwd: x, dout in, dx (and dskip = dout, free) out
+    min_bytes = elt * (coarse * shape[1] * 3 + fine * channels * (2 + (1 if skip else 0)))
+    return args, factor, inputs, min_bytes
+
+
+@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("case", list(ida_cases()))
+def test_ida_up_step(benchmark, case, provider, mode):
+    if provider.startswith("fused:"):
+        backend.set_backend(provider.split(":")[1])
+        fn = ida_up
+    else:
+        backend.set_backend("auto")
+        fn = torch.compile(ida_up_reference) if provider == "compiled" else ida_up_reference
+    args, factor, inputs, min_bytes = _ida_inputs(case, _layout(provider))
+
+    def call():
+        return fn(args["x"], args.get("proj_weight"), args.get("bn_weight"), args.get("bn_bias"),
+                  args.get("running_mean"), args.get("running_var"), None, True, 0.1, 1e-5, args["up_weight"],
+                  factor, args.get("skip"))
+    benchmark.group = f"ida {case} {mode}"
+    _measure(benchmark, "IDA-Up step", case, provider, mode, call, inputs, min_bytes)
