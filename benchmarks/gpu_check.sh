@@ -1,0 +1,53 @@
+#!/usr/bin/env bash
+# GPU check for a fresh CUDA machine with no network: build the extension (CUDA, all cores), run
+# the CUDA tests, run the benchmarks, write everything to OUT_DIR and print a summary table last.
+#   usage: benchmarks/gpu_check.sh OUT_DIR
+# Uses the python3 on the PATH (it must have torch with CUDA, triton, pytest, pytest-benchmark).
+# Stages can be skipped with GPU_CHECK_SKIP="build tests bench" (any subset).
+set -uo pipefail
+OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+SKIP=${GPU_CHECK_SKIP:-}
+export PYTHONUNBUFFERED=1 DLA_FUSED_CUDA=1 MAX_JOBS=$(nproc)
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-9.0}
+start=$(date +%s)
+status=0
+stamp() { echo "[gpu_check +$(( $(date +%s) - start ))s] $*"; }
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+} > "$OUT/environment.txt" 2>&1
+cat "$OUT/environment.txt"
+
+if [[ " $SKIP " != *" build "* ]]; then
+  stamp "building dla_fused._C for sm ${TORCH_CUDA_ARCH_LIST} with $MAX_JOBS jobs"
+  if ! $PY -m pip install --no-build-isolation --no-deps --no-index -v -e . > "$OUT/build.log" 2>&1; then
+    tail -40 "$OUT/build.log"; stamp "build failed"; exit 1
+  fi
+  grep '\[dla_fused\]' "$OUT/build.log"
+  $PY -c "import dla_fused; dla_fused.backend_info()" | tee -a "$OUT/environment.txt"
+fi
+
+if [[ " $SKIP " != *" tests "* ]]; then
+  stamp "CUDA tests"
+  DLA_FUSED_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py tests/test_cuda_kernels.py tests/test_triton_kernels.py \
+    -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
+  tail -15 "$OUT/tests.log"
+fi
+
+if [[ " $SKIP " != *" bench "* ]]; then
+  stamp "benchmarks"
+  DLA_BENCH_OUT="$OUT" $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable-gc \
+    --benchmark-json="$OUT/pytest_benchmark.json" > "$OUT/bench.log" 2>&1 || status=1
+  tail -5 "$OUT/bench.log"
+fi
+
+stamp "done (status $status)"
+echo
+cat "$OUT/summary.txt" 2>/dev/null || echo "(no benchmark summary)"
+grep -E "passed|failed|error" "$OUT/tests.log" 2>/dev/null | tail -1
+exit $status
