@@ -16,8 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from .ops.aggregation import AggregationNode
-from .ops.ida_up import IDAUpStep, ida_up
+from .ops.aggregation import AggregationNode, is_plain_1x1
+from .ops.ida_up import IDAUpStep
 
 _ORIGINAL = "_dla_fused_original"
 _STEPS = "_dla_fused_steps"
@@ -31,7 +31,7 @@ def _root_like(module: nn.Module) -> Optional[bool]:
     flag = getattr(module, "residual", getattr(module, "shortcut", None))
     if not (isinstance(conv, nn.Conv2d) and isinstance(bn, nn.BatchNorm2d) and isinstance(flag, bool)):
         return None
-    if conv.kernel_size != (1, 1) or conv.bias is not None or conv.groups != 1 or conv.stride != (1, 1):
+    if not is_plain_1x1(conv) or conv.bias is not None:
         return None
     if not bn.affine or bn.num_features != conv.out_channels:
         return None
@@ -40,16 +40,24 @@ def _root_like(module: nn.Module) -> Optional[bool]:
 
 
 def _fusable_step(proj: nn.Module, up: nn.Module):
-    """(projection to run unfused or None, fused IDAUpStep) for one IDA-Up step."""
+    """(projection to run unfused or None, fused IDAUpStep) for one IDA-Up step, or None when even
+    the upsampling cannot be fused (the step then runs as it is)."""
     try:
         return None, IDAUpStep.from_modules(proj, up)
     except ValueError:  # a projection the op cannot take (3x3, deformable): run it, fuse the rest
+        pass
+    try:
         return proj, IDAUpStep.from_modules(nn.Identity(), up)
+    except ValueError:
+        return None
 
 
 def _fused_project_up(self, i: int, x: torch.Tensor, skip: Optional[torch.Tensor] = None) -> torch.Tensor:
     """up_i(proj_i(x)) (+ skip) through the fused IDA-Up op."""
-    unfused_proj, step = self.__dict__[_STEPS][i]
+    plan = self.__dict__[_STEPS][i]
+    if plan is None:
+        return type(self).project_up(self, i, x, skip)
+    unfused_proj, step = plan
     return step(x if unfused_proj is None else unfused_proj(x), skip)
 
 
@@ -100,4 +108,4 @@ def is_fused(model: nn.Module) -> bool:
 
 def fused_steps(module: nn.Module):
     """The fused IDA-Up steps `fuse` attached to `module` (empty if none)."""
-    return [step for _, step in module.__dict__.get(_STEPS, {}).values()]
+    return [plan[1] for plan in module.__dict__.get(_STEPS, {}).values() if plan is not None]

@@ -28,8 +28,8 @@ class CrossProcessBatchNorm2d(nn.BatchNorm2d):
     def forward(self, x: Tensor) -> Tensor:
         if not self._synchronised():
             return super().forward(x)
-        if x.dim() != 4:
-            raise ValueError(f"expected a 4-D input (N, C, H, W), got shape {tuple(x.shape)}")
+        if x.dim() != 4 or x.shape[1] != self.num_features:
+            raise ValueError(f"expected an input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}")
         from torch.distributed.nn.functional import all_gather
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xa = x.to(acc)
@@ -63,7 +63,8 @@ def synchronize_batch_norm(model: nn.Module, process_group=None) -> nn.Module:
     for module in model.modules():
         if isinstance(module, AggregationNode):
             module.process_group = process_group if process_group is not None else dist.group.WORLD
-            fused_bns.add(id(module.bn))
+            if module.fused:  # an unfused node runs its bn module, converted below
+                fused_bns.add(id(module.bn))
         for step in fused_steps(module):
             step.process_group = process_group if process_group is not None else dist.group.WORLD
             if not isinstance(step.proj, nn.Identity):

@@ -252,7 +252,8 @@ class _StopRequest:
 
     def __init__(self, env: "_Distributed"):
         self.env = env
-        self.requested = False
+        self.requested = False  # this process got a Ctrl-C
+        self.stopping = False   # some process did, and all stop at this step boundary
         self.previous = None
 
     def __enter__(self):
@@ -275,23 +276,31 @@ class _StopRequest:
     def stop_now(self, device) -> bool:
         """True when any process was asked to stop (all processes agree, so DDP stays in step)."""
         if self.env.world == 1:
-            return self.requested
-        flag = torch.tensor([float(self.requested)], device=device)
-        dist.all_reduce(flag)
-        return bool(flag.item())
+            self.stopping = self.requested
+        else:
+            flag = torch.tensor([float(self.requested)], device=device)
+            dist.all_reduce(flag)
+            self.stopping = bool(flag.item())
+        return self.stopping
 
 
 def save_training_checkpoint(path: str, model, optimizer, scheduler, scaler, progress: dict,
-                             cfg: TrainConfig) -> None:
+                             cfg: TrainConfig, world_size: int = 1) -> None:
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-             "progress": progress, "config": asdict(cfg), "rng": torch.get_rng_state()}
+             "progress": progress, "config": asdict(cfg), "world_size": world_size, "rng": torch.get_rng_state()}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # never leaves a half-written checkpoint behind
 
 
-def load_training_checkpoint(path: str, cfg: TrainConfig) -> dict:
+# Settings that fix the model, the data order and the learning-rate schedule: a resumed run must
+# use the same ones to continue exactly.
+RESUME_KEYS = ("model", "task", "num_classes", "image_size", "data", "num_samples", "batch_size", "seed",
+               "epochs", "steps_per_epoch", "lr", "lr_schedule")
+
+
+def load_training_checkpoint(path: str, cfg: TrainConfig, world_size: int = 1) -> dict:
     """The training state in `path`, checked against `cfg`; CheckpointError says what is wrong."""
     from .checkpoint import read_state_dict
     if not os.path.isfile(path):
@@ -306,9 +315,10 @@ def load_training_checkpoint(path: str, cfg: TrainConfig) -> dict:
                               f"(expected format {CHECKPOINT_FORMAT!r}); to start from model weights, "
                               "load them with dla_fused.load_checkpoint instead")
     saved = state["config"]
-    keys = ("model", "task", "num_classes", "image_size", "data")
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in keys
+    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS
               if saved.get(k) != getattr(cfg, k)]
+    if state.get("world_size", 1) != world_size:
+        differ.append(f"processes: checkpoint {state.get('world_size', 1)}, now {world_size}")
     if differ:
         raise CheckpointError(f"cannot resume from {path!r}: it was trained with other settings: "
                               + "; ".join(differ))
@@ -407,7 +417,7 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
     ckpt_path, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
     if cfg.resume:
         path = ckpt_path if cfg.resume == "auto" else cfg.resume
-        state = load_training_checkpoint(path, cfg)
+        state = load_training_checkpoint(path, cfg, env.world)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -493,10 +503,10 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
                 log.write(json.dumps({"kind": "epoch", "epoch": epoch, "loss": loss_value, "metric": metric,
                                       "metric_name": metric_name, "global_step": progress["global_step"]}) + "\n")
                 log.flush()
-                save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg)
+                save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world)
     except KeyboardInterrupt:
-        if env.main and stop.requested:
-            save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg)
+        if env.main and stop.stopping:  # at a step boundary (a second Ctrl-C saves nothing)
+            save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world)
             print(f"\ninterrupted after step {progress['global_step']}: checkpoint saved to {ckpt_path}; "
                   f"continue with --resume {ckpt_path}", file=sys.stderr)
         raise

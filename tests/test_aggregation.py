@@ -281,6 +281,9 @@ BAD_INPUTS = {
     "3-D child": (lambda a: a["children"].__setitem__(0, torch.randn(4, 3, 3)), ValueError, "4-D"),
     "bn_weight length": (lambda a: a.__setitem__("bn_weight", torch.ones(5)), ValueError, "bn_weight must have 4"),
     "children not a list": (lambda a: a.__setitem__("children", torch.randn(2, 7, 3, 3)), TypeError, "list"),
+    "momentum None without num_batches_tracked": (lambda a: (a.__setitem__("momentum", None),
+                                                            a.__setitem__("num_batches_tracked", None)),
+                                                  ValueError, "needs num_batches_tracked"),
 }
 
 
@@ -290,7 +293,8 @@ def test_bad_input_raises_before_any_change(case):
     args = _good()
     mutate, error, message = BAD_INPUTS[case]
     mutate(args)
-    before = {k: args[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked")}
+    before = {k: args[k].clone() for k in ("running_mean", "running_var", "num_batches_tracked")
+              if args.get(k) is not None}
     with pytest.raises(error, match=message):
         aggregation_node(**args)
     for k, v in before.items():
@@ -310,8 +314,10 @@ def test_backend_that_cannot_serve_the_device():
 
 def test_module_state_dict_matches_reference_root():
     from dla_fused.models.dla import Root
+    from dla_fused.nn import FusedRoot
     ref = Root(12, 6, 1, True)
-    fused = AggregationNode(12, 6, residual=True)
+    fused = FusedRoot(12, 6, 1, True)  # Root's own arguments
+    assert isinstance(fused, AggregationNode) and fused.residual
     assert list(ref.state_dict()) == list(fused.state_dict())
     fused.load_state_dict(ref.state_dict())
     ref.load_state_dict(fused.state_dict())
@@ -350,3 +356,19 @@ def test_synchronised_statistics_single_process_group():
         assert_close(bb["running_var"], ba["running_var"], "synced running_var")
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_statistics_stay_float32_under_autocast(backend_name):
+    """The kernels choose their own precision: under autocast the batch statistics the op returns
+    are float32, whatever the backend (the plain-PyTorch primitives included)."""
+    use_backend(backend_name)
+    children, params, buffers = make_inputs([4, 4], 4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, mean, var = torch.ops.dla_fused.aggregation_node(
+            [c.bfloat16() for c in children], params["weight"].bfloat16(), params["bn_weight"], params["bn_bias"],
+            None, None, True, 1e-5, False)
+    assert out.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+    x64 = torch.nn.functional.conv2d(torch.cat([c.bfloat16().double() for c in children], 1),
+                                     params["weight"].bfloat16().double())
+    assert_close(var, x64.var((0, 2, 3), unbiased=False).float(), "variance under autocast", rel=2e-2)

@@ -9,7 +9,11 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .primitives import acc_dtype
+
+def no_autocast(like: Tensor):
+    """The kernels choose their own precision (float32 accumulation, statistics in float32): run
+    them, and the plain-PyTorch primitives, outside the caller's autocast region."""
+    return torch.autocast(like.device.type, enabled=False)
 
 
 def pixel_count(x: Tensor) -> int:

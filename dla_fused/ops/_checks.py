@@ -41,13 +41,15 @@ def vector(name: str, t, length: int, ref: Tensor) -> None:
         raise ValueError(f"{name} is on {t.device} but the activations are on {ref.device}")
 
 
-def batch_norm_args(running_mean, running_var, momentum, eps, channels: int, ref: Tensor,
-                    prefix: str = "") -> None:
+def batch_norm_args(running_mean, running_var, num_batches_tracked, momentum, eps, channels: int,
+                    ref: Tensor) -> None:
     if (running_mean is None) != (running_var is None):
-        raise ValueError(f"{prefix}running_mean and {prefix}running_var must be given together")
+        raise ValueError("running_mean and running_var must be given together")
     if running_mean is not None:
-        vector(prefix + "running_mean", running_mean, channels, ref)
-        vector(prefix + "running_var", running_var, channels, ref)
+        vector("running_mean", running_mean, channels, ref)
+        vector("running_var", running_var, channels, ref)
+        if momentum is None and num_batches_tracked is None:
+            raise ValueError("momentum=None (a cumulative average) needs num_batches_tracked")
     if momentum is not None and not 0.0 <= float(momentum) <= 1.0:
         raise ValueError(f"momentum must be in [0, 1] or None, got {momentum}")
     if not float(eps) > 0.0:
@@ -66,3 +68,11 @@ def same_batch_and_size(names: Sequence[str], tensors: Sequence[Tensor]) -> None
         if t.shape[0] != ref.shape[0] or t.shape[2:] != ref.shape[2:]:
             raise ValueError(f"{name} has shape {tuple(t.shape)} but {names[0]} has {tuple(ref.shape)}: "
                              "batch size and spatial size (N, H, W) must match")
+
+
+def autocast(t):
+    """`t` in the autocast dtype of its device if it is a float32 tensor (what autocast itself
+    casts), unchanged otherwise."""
+    if t is None or t.dtype != torch.float32:
+        return t
+    return t.to(torch.get_autocast_dtype(t.device.type))

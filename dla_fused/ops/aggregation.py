@@ -6,7 +6,7 @@ autograd.Function (eager calls, synchronised statistics) -> the functional API (
 running statistics, backend choice) -> the module.
 
 What the fused op saves for backward: the children and weights (already alive), its output (alive)
-and four per-channel vectors. The conv output z is recomputed from the children in backward; the
+and two per-channel statistics vectors. The conv output z is recomputed from the children in backward; the
 concatenation is never materialised (the product is a sum of per-child products).
 """
 from typing import List, Optional, Sequence, Tuple, Union
@@ -77,8 +77,9 @@ def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tens
     """Returns (out, mean, var): the statistics used (the batch's when batch_stats, else copies of
     the running ones). Running statistics are not touched here: the caller updates them once."""
     P = backend.primitives_for(children[0].device)
-    out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
-                                 batch_stats, eps, residual)
+    with _bn.no_autocast(children[0]):
+        out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                     batch_stats, eps, residual)
     return out, mean, var
 
 
@@ -98,8 +99,9 @@ def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[
                                   ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
     P = backend.primitives_for(out.device)
     grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
-    grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
-                                                 mean, var, eps, batch_stats, residual, bn_grads=bn_grads)
+    with _bn.no_autocast(out):
+        grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
+                                                     mean, var, eps, batch_stats, residual, bn_grads=bn_grads)
     if grad_g is None:
         grad_g = grad_b = mean.new_zeros(mean.shape)
     return grads, grad_w.view_as(weight), grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
@@ -141,8 +143,9 @@ class _AggregationNodeFunction(torch.autograd.Function):
     def forward(ctx, group, count_box, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
                 residual, *children):
         P = backend.primitives_for(children[0].device)
-        out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, running_mean, running_var,
-                                         batch_stats, eps, residual, group)
+        with _bn.no_autocast(children[0]):
+            out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, running_mean,
+                                             running_var, batch_stats, eps, residual, group)
         count_box.append(count)
         ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
         ctx.args = (group, batch_stats, eps, residual, count)
@@ -156,9 +159,10 @@ class _AggregationNodeFunction(torch.autograd.Function):
         P = backend.primitives_for(out.device)
         grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
         bn_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
-        grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
-                                                     mean, var, eps, batch_stats, residual, group=group,
-                                                     count=count, bn_grads=bn_grads)
+        with _bn.no_autocast(out):
+            grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
+                                                         mean, var, eps, batch_stats, residual, group=group,
+                                                         count=count, bn_grads=bn_grads)
         if grad_g is not None:
             grad_g, grad_b = grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
         return (None, None, grad_w.view_as(weight), grad_g, grad_b, None, None, None, None, None, *grads)
@@ -167,8 +171,8 @@ class _AggregationNodeFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
-              momentum, eps, residual) -> None:
+def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+              batch_stats, momentum, eps, residual) -> None:
     if isinstance(children, Tensor) or not isinstance(children, (list, tuple)) or not children:
         raise TypeError("children must be a non-empty list or tuple of 4-D tensors")
     names = [f"children[{i}]" for i in range(len(children))]
@@ -186,7 +190,7 @@ def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, b
     c_out = weight.shape[0]
     _checks.vector("bn_weight", bn_weight, c_out, children[0])
     _checks.vector("bn_bias", bn_bias, c_out, children[0])
-    _checks.batch_norm_args(running_mean, running_var, momentum, eps, c_out, children[0])
+    _checks.batch_norm_args(running_mean, running_var, num_batches_tracked, momentum, eps, c_out, children[0])
     if residual and children[0].shape[1] != c_out:
         raise ValueError(f"residual=True needs children[0] with {c_out} channels (the output's), "
                          f"got {children[0].shape[1]}")
@@ -224,24 +228,24 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
         process_group: combine statistics over this torch.distributed group (like SyncBatchNorm).
 
     Returns (N, C_out, H, W) in the children's dtype. Under torch.autocast the children and weight
-    are cast to the autocast dtype. Saved for backward: the children, weight, output and four
-    per-channel vectors; the conv output is recomputed in backward. Every input error raises
+    are cast to the autocast dtype (float32 ones only, as autocast does). Saved for backward: the
+    children, weight, bn_weight, output and two per-channel statistics vectors; the conv output is
+    recomputed in backward. Every input error raises
     before any state changes.
     """
     children = list(children) if isinstance(children, (list, tuple)) else children
     if isinstance(children, list) and children and isinstance(children[0], Tensor):
         device_type = children[0].device.type
         if torch.is_autocast_enabled(device_type):
-            dtype = torch.get_autocast_dtype(device_type)
-            children = [c.to(dtype) for c in children]
-            weight = weight.to(dtype)
+            children = [_checks.autocast(c) for c in children]
+            weight = _checks.autocast(weight)
     batch_stats = training or running_mean is None
-    _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
-              momentum, eps, residual)
+    _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+              batch_stats, momentum, eps, residual)
     backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
     if len(children) > MAX_CHILDREN_PER_KERNEL:
         children = _merge_tail(children, weight)
-    group = process_group if batch_stats else None
+    group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.aggregation_node(
             children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual)
@@ -259,6 +263,12 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
 # ---------------------------------------------------------------------------------------------
 # Module
 # ---------------------------------------------------------------------------------------------
+def is_plain_1x1(conv: nn.Module) -> bool:
+    """A 1x1 Conv2d the fused op computes exactly: stride 1, no padding, no dilation, one group."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (1, 1) and conv.stride == (1, 1)
+            and conv.padding in ((0, 0), "valid") and conv.dilation == (1, 1) and conv.groups == 1)
+
+
 class AggregationNode(nn.Module):
     """Drop-in fused DLA `Root`: parameters `conv.weight` and `bn.*` exactly as the reference
     module, so state dicts move both ways. forward(*children) -> relu(bn(conv(cat)) (+ x_0)).
@@ -284,8 +294,9 @@ class AggregationNode(nn.Module):
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: bool = False,
                      process_group=None) -> "AggregationNode":
         """Wrap an existing bias-free Conv2d and BatchNorm2d (their parameters are shared)."""
-        if conv.bias is not None or conv.groups != 1 or conv.stride != (1, 1):
-            raise ValueError("conv must be a bias-free, ungrouped, stride-1 Conv2d to be fused")
+        if conv.bias is not None or not is_plain_1x1(conv):
+            raise ValueError("conv must be a bias-free, ungrouped 1x1 Conv2d (stride 1, no padding, no "
+                             f"dilation) to be fused, got {conv}")
         if bn.num_features != conv.out_channels:
             raise ValueError(f"bn has {bn.num_features} features but conv has {conv.out_channels} outputs")
         node = cls.__new__(cls)
@@ -300,7 +311,7 @@ class AggregationNode(nn.Module):
 
     @property
     def fused(self) -> bool:
-        return self.conv.kernel_size == (1, 1) and self.conv.groups == 1 and self.bn.affine
+        return is_plain_1x1(self.conv) and self.bn.affine
 
     def forward(self, *children: Tensor) -> Tensor:
         if len(children) == 1 and isinstance(children[0], (list, tuple)):  # timm passes one list
@@ -310,10 +321,9 @@ class AggregationNode(nn.Module):
             if got != self.child_channels:
                 raise ValueError(f"expected children with channels {self.child_channels}, got {got}")
         bn = self.bn
-        if not self.fused:
-            return aggregation_node_reference(children, self.conv.weight, bn.weight, bn.bias,
-                                              bn.running_mean, bn.running_var, bn.num_batches_tracked,
-                                              bn.training, bn.momentum, bn.eps, self.residual)
+        if not self.fused:  # the modules themselves, so that a synchronised bn still synchronises
+            y = bn(self.conv(torch.cat(children, dim=1)))
+            return torch.relu(y + children[0] if self.residual else y)
         return aggregation_node(children, self.conv.weight, bn.weight, bn.bias, bn.running_mean,
                                 bn.running_var, bn.num_batches_tracked, bn.training, bn.momentum,
                                 bn.eps, self.residual, self.process_group)

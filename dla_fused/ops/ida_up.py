@@ -6,8 +6,8 @@ its backward, with fake kernels and autograd (what torch.compile sees) -> the sa
 autograd.Function (eager calls, synchronised statistics) -> the functional API -> the module.
 
 The full-resolution output is never saved for backward, nor the projection output: backward
-recomputes the coarse map from the input. Saved: the input, the weights and two per-channel
-vectors. The projection + BatchNorm part is shared with the aggregation node (ops/_bn.py).
+recomputes the coarse map from the input. Saved: the input, the weights (with BatchNorm's) and two
+per-channel statistics vectors. The projection + BatchNorm part is shared with the aggregation node (ops/_bn.py).
 """
 from typing import Optional, Tuple
 
@@ -18,6 +18,7 @@ from torch import Tensor
 
 from .. import backend
 from . import _bn, _checks
+from .aggregation import is_plain_1x1
 from .primitives import acc_dtype, memory_format_of, upsampled_size
 
 
@@ -53,18 +54,19 @@ def ida_up_reference(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight:
 def _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
              up_weight, factor, skip, group=None) -> Tuple[Tensor, Tensor, Tensor, int]:
     count = _bn.pixel_count(x)
-    if proj_weight is None:
-        empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
-        return P.ida_upsample(x, None, None, up_weight, factor, skip), empty, empty.clone(), count
-    weight2d = proj_weight.flatten(1)
-    if batch_stats:
-        z, mean, var, count = _bn.product_with_stats(P, [x], weight2d, group)
-    else:
-        z = _bn.recompute_product(P, [x], weight2d)
-        acc = acc_dtype(x.dtype)
-        mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-    scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
-    return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count
+    with _bn.no_autocast(x):
+        if proj_weight is None:
+            empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
+            return P.ida_upsample(x, None, None, up_weight, factor, skip), empty, empty.clone(), count
+        weight2d = proj_weight.flatten(1)
+        if batch_stats:
+            z, mean, var, count = _bn.product_with_stats(P, [x], weight2d, group)
+        else:
+            z = _bn.recompute_product(P, [x], weight2d)
+            acc = acc_dtype(x.dtype)
+            mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
+        scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count
 
 
 def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_stats, eps, up_weight,
@@ -72,16 +74,17 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
     """Returns (grad x, grad proj weight, grad gamma, grad beta, grad up weight); None where the
     input is absent."""
     grad_out = grad_out.contiguous(memory_format=memory_format_of(x))
-    if proj_weight is None:
-        grad_x, grad_up = P.ida_upsample_backward(grad_out, x, None, None, up_weight, factor)
-        return grad_x, None, None, None, grad_up if up_weight is not None else None
-    weight2d = proj_weight.flatten(1)
-    scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
-    z = _bn.recompute_product(P, [x], weight2d)
-    grad_p, grad_up = P.ida_upsample_backward(grad_out, z, scale, shift, up_weight, factor)
-    grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_p, None, [x], weight2d, bn_weight, mean, var, eps,
-                                                 batch_stats, False, group, count, bn_grads, z=z)
-    return grads[0], grad_w.view_as(proj_weight), grad_g, grad_b, grad_up if up_weight is not None else None
+    with _bn.no_autocast(x):
+        if proj_weight is None:
+            grad_x, grad_up = P.ida_upsample_backward(grad_out, x, None, None, up_weight, factor)
+            return grad_x, None, None, None, grad_up if up_weight is not None else None
+        weight2d = proj_weight.flatten(1)
+        scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        z = _bn.recompute_product(P, [x], weight2d)
+        grad_p, grad_up = P.ida_upsample_backward(grad_out, z, scale, shift, up_weight, factor)
+        grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_p, None, [x], weight2d, bn_weight, mean, var, eps,
+                                                     batch_stats, False, group, count, bn_grads, z=z)
+        return grads[0], grad_w.view_as(proj_weight), grad_g, grad_b, grad_up if up_weight is not None else None
 
 
 @torch.library.custom_op("dla_fused::ida_up", mutates_args=())
@@ -192,8 +195,8 @@ class _IDAUpFunction(torch.autograd.Function):
 # ---------------------------------------------------------------------------------------------
 # Functional API
 # ---------------------------------------------------------------------------------------------
-def _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
-              up_weight, factor, skip) -> None:
+def _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, batch_stats,
+              momentum, eps, up_weight, factor, skip) -> None:
     _checks.activation("x", x)
     channels = x.shape[1]
     if proj_weight is not None:
@@ -207,7 +210,7 @@ def _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, bat
             raise ValueError("bn_weight and bn_bias are required with proj_weight")
         _checks.vector("bn_weight", bn_weight, channels, x)
         _checks.vector("bn_bias", bn_bias, channels, x)
-        _checks.batch_norm_args(running_mean, running_var, momentum, eps, channels, x)
+        _checks.batch_norm_args(running_mean, running_var, num_batches_tracked, momentum, eps, channels, x)
         if batch_stats:
             _checks.more_than_one_value(x, "x")
     if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
@@ -257,18 +260,18 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
             (= h f for even f), or None.
         process_group: combine projection statistics over this group (like SyncBatchNorm).
 
-    Returns (N, C, H, W) in x's dtype. Saved for backward: x, the weights and two per-channel
+    Returns (N, C, H, W) in x's dtype (under torch.autocast, float32 inputs are cast to the autocast
+    dtype). Saved for backward: x, the weights (BatchNorm's too) and two per-channel statistics
     vectors; neither the coarse projection nor the full-resolution output is kept.
     """
     if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
-        dtype = torch.get_autocast_dtype(x.device.type)
-        cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-        x, proj_weight, up_weight, skip = cast(x), cast(proj_weight), cast(up_weight), cast(skip)
+        x, proj_weight, up_weight, skip = (_checks.autocast(t) for t in (x, proj_weight, up_weight, skip))
     batch_stats = training or running_mean is None
-    _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, momentum, eps,
-              up_weight, factor, skip)
+    _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, batch_stats,
+              momentum, eps, up_weight, factor, skip)
     backend.resolve(x.device)  # raises if the selected backend cannot serve this device
-    group = process_group if proj_weight is not None and batch_stats else None
+    # like nn.SyncBatchNorm: synchronise in training only
+    group = process_group if proj_weight is not None and training else None
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.ida_up(x, proj_weight, bn_weight, bn_bias, running_mean,
                                                     running_var, batch_stats, eps, up_weight, factor, skip)
@@ -335,16 +338,16 @@ class IDAUpStep(nn.Module):
     def fusion_problems(self) -> None:
         proj, up = self.proj, self.up
         if not isinstance(proj, nn.Identity):
-            ok = (isinstance(proj, nn.Sequential) and len(proj) == 3 and isinstance(proj[0], nn.Conv2d)
-                  and proj[0].kernel_size == (1, 1) and proj[0].bias is None and proj[0].groups == 1
-                  and isinstance(proj[1], nn.BatchNorm2d) and proj[1].affine and isinstance(proj[2], nn.ReLU))
+            ok = (isinstance(proj, nn.Sequential) and len(proj) == 3 and is_plain_1x1(proj[0])
+                  and proj[0].bias is None and isinstance(proj[1], nn.BatchNorm2d) and proj[1].affine
+                  and isinstance(proj[2], nn.ReLU))
             if not ok:
                 raise ValueError("proj must be Identity or Sequential(Conv2d 1x1 without bias, "
                                  f"BatchNorm2d, ReLU); got {proj}")
         if not isinstance(up, nn.Identity):
             ok = (isinstance(up, nn.ConvTranspose2d) and up.bias is None and up.groups == up.in_channels
                   == up.out_channels and up.kernel_size[0] == up.kernel_size[1] == 2 * up.stride[0]
-                  and up.stride[0] == up.stride[1] and up.padding == (up.stride[0] // 2,) * 2
+                  and up.stride[0] == up.stride[1] >= 2 and up.padding == (up.stride[0] // 2,) * 2
                   and up.output_padding == (0, 0) and up.dilation == (1, 1))
             if not ok:
                 raise ValueError("up must be Identity or a depthwise ConvTranspose2d with kernel 2f, "
