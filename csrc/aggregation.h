@@ -148,7 +148,7 @@ struct Aggregation {
                      const std::optional<at::Tensor>& residual) {
     constexpr const char* op = "agg_apply_";
     check_activation(op, "z", z);
-    Loops::check_dtype(op, z.scalar_type());
+    check_dtype(op, Loops::kName, z.scalar_type());
     check_channel_vector(op, "scale", scale, z.size(1), z);
     check_channel_vector(op, "shift", shift, z.size(1), z);
     check_activation_like(op, "residual", residual, z, z.sizes().vec());
@@ -169,7 +169,7 @@ struct Aggregation {
                                                             const at::Tensor& z, const at::Tensor& mean) {
     constexpr const char* op = "agg_backward_reduce";
     check_activation(op, "grad_out", grad_out);
-    Loops::check_dtype(op, grad_out.scalar_type());
+    check_dtype(op, Loops::kName, grad_out.scalar_type());
     check_activation_like(op, "out", out, grad_out, grad_out.sizes().vec());
     check_activation_like(op, "z", z, grad_out, grad_out.sizes().vec());
     const int64_t C = grad_out.size(1);
@@ -200,7 +200,7 @@ struct Aggregation {
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean) {
     constexpr const char* op = "agg_backward_dz_";
     check_activation(op, "z", z);
-    Loops::check_dtype(op, z.scalar_type());
+    check_dtype(op, Loops::kName, z.scalar_type());
     check_activation_like(op, "grad_out", grad_out, z, z.sizes().vec());
     check_activation_like(op, "out", out, z, z.sizes().vec());
     const int64_t C = z.size(1);
@@ -230,7 +230,7 @@ struct Aggregation {
                                                                        const std::optional<at::Tensor>& out) {
     constexpr const char* op = "agg_backward_gemm";
     check_activation(op, "dz", dz);
-    Loops::check_dtype(op, dz.scalar_type());
+    check_dtype(op, Loops::kName, dz.scalar_type());
     const int64_t c_out = check_children_and_weight(op, children, weight, dz);
     TORCH_CHECK(c_out == dz.size(1), "dla_fused::", op, ": weight has ", c_out, " rows but dz has ", dz.size(1),
                 " channels");
@@ -265,7 +265,7 @@ struct Aggregation {
     TORCH_CHECK(!children.empty(), "dla_fused::", op, ": children must hold at least one tensor");
     check_activation(op, ArgName("children", 0), children[0]);
     const at::Tensor& ref = like.defined() ? like : children[0];
-    Loops::check_dtype(op, ref.scalar_type());
+    check_dtype(op, Loops::kName, ref.scalar_type());
     const at::Tensor& x0 = children[0];
     int64_t total = 0;
     for (size_t i = 0; i < children.size(); ++i) {

@@ -120,7 +120,7 @@ template <class Loops, class MakeOp>
 void map_channels(const char* name, const at::Tensor& out, const at::Tensor& a, const at::Tensor& b,
                   const at::Tensor& d, bool channels_last, MakeOp&& make_op) {
   const int64_t N = out.size(0), C = out.size(1), P = out.size(2) * out.size(3);
-  Loops::dispatch(name, out.scalar_type(), [&](auto tag) {
+  dispatch_dtype(name, Loops::kName, out.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const auto op = make_op(acc_t{});
@@ -146,7 +146,7 @@ template <class Loops, class MakeOp, class MakeFinish>
 void reduce_channels(const char* name, const at::Tensor& a, const at::Tensor& b, const at::Tensor& d,
                      bool channels_last, MakeOp&& make_op, MakeFinish&& make_finish) {
   const int64_t N = a.size(0), C = a.size(1), P = a.size(2) * a.size(3);
-  Loops::dispatch(name, a.scalar_type(), [&](auto tag) {
+  dispatch_dtype(name, Loops::kName, a.scalar_type(), [&](auto tag) {
     using scalar_t = decltype(tag);
     using acc_t = at::opmath_type<scalar_t>;
     const auto op = make_op(acc_t{});

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 
 #include <optional>
 #include <ostream>
@@ -30,6 +31,20 @@ inline at::Tensor in_layout(const at::Tensor& x, bool channels_last) {
 
 inline at::Tensor in_layout(const std::optional<at::Tensor>& x, bool channels_last) {
   return x.has_value() ? in_layout(*x, channels_last) : at::Tensor();
+}
+
+// The activation dtypes the kernels of both devices take; `device` names the driver in the message.
+inline void check_dtype(const char* op, const char* device, at::ScalarType dtype) {
+  TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
+              "dla_fused::", op, " on ", device, " supports float32, float16, bfloat16 and float64 tensors, got ",
+              dtype);
+}
+
+// f(scalar_t{}) for the activation dtype, after check_dtype.
+template <typename F>
+void dispatch_dtype(const char* op, const char* device, at::ScalarType dtype, F&& f) {
+  check_dtype(op, device, dtype);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dla_fused", [&] { f(scalar_t{}); });
 }
 
 // Per-channel vectors and statistics: float64 for float64 activations, float32 otherwise.

@@ -285,7 +285,7 @@ struct IdaUp {
       return out;
     }
     const at::Tensor taps = tap_weights(*up_weight, g, acc_type(z.scalar_type()), cl);
-    Loops::dispatch(op, z.scalar_type(), [&](auto tag) {
+    dispatch_dtype(op, Loops::kName, z.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       scalar_t* po = out.data_ptr<scalar_t>();
@@ -330,7 +330,7 @@ struct IdaUp {
     const auto acc_dtype = acc_type(z.scalar_type());
     const at::Tensor taps = tap_weights(*up_weight, g, acc_dtype, cl);
     at::Tensor grad_w = at::empty({g.C, 1, g.K, g.K}, z.options().dtype(acc_dtype));
-    Loops::dispatch(op, z.scalar_type(), [&](auto tag) {
+    dispatch_dtype(op, Loops::kName, z.scalar_type(), [&](auto tag) {
       using scalar_t = decltype(tag);
       using acc_t = at::opmath_type<scalar_t>;
       scalar_t* pgp = grad_p.data_ptr<scalar_t>();
@@ -362,7 +362,7 @@ struct IdaUp {
                                       const std::optional<at::Tensor>& shift,
                                       const std::optional<at::Tensor>& up_weight, int64_t factor) {
     check_activation(op, "z", z);
-    Loops::check_dtype(op, z.scalar_type());
+    check_dtype(op, Loops::kName, z.scalar_type());
     TORCH_CHECK(factor >= 1, "dla_fused::", op, ": factor must be at least 1, got ", factor);
     UpGeometry g{z.size(0), z.size(1), z.size(2), z.size(3), z.size(2), z.size(3), factor, factor / 2, 2 * factor};
     TORCH_CHECK(scale.has_value() == shift.has_value(), "dla_fused::", op, ": scale and shift go together");

@@ -9,7 +9,6 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -158,17 +157,7 @@ struct CudaLoops {
     c10::cuda::OptionalCUDAGuard guard_;
   };
 
-  static void check_dtype(const char* op, at::ScalarType dtype) {
-    TORCH_CHECK(dtype == at::kFloat || dtype == at::kDouble || dtype == at::kHalf || dtype == at::kBFloat16,
-                "dla_fused::", op, " on CUDA supports float32, float16, bfloat16 and float64 tensors, got ", dtype);
-  }
-
-  // f(scalar_t{}) for the dtype.
-  template <typename F>
-  static void dispatch(const char* op, at::ScalarType dtype, F&& f) {
-    check_dtype(op, dtype);
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, "dla_fused", [&] { f(scalar_t{}); });
-  }
+  static constexpr const char* kName = "CUDA";  // in error messages
 
   template <typename scalar_t, typename Make>
   static void for_each(Make&& make, int64_t vec_len, std::initializer_list<const void*> ptrs) {
