@@ -34,7 +34,7 @@ fi
 
 if [[ " $SKIP " != *" tests "* ]]; then
   stamp "CUDA tests"
-  DLA_FUSED_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py tests/test_cuda_kernels.py tests/test_triton_kernels.py \
+  DLA_FUSED_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py tests/test_kernels.py tests/test_triton_kernels.py \
     -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
   tail -15 "$OUT/tests.log"
 fi

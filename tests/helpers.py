@@ -44,6 +44,18 @@ def assert_close(actual, expected, what="", rel=None):
     assert err <= rel * scale + floor, f"{what}: max error {err:.3g} > {rel:.1g} x {scale:.3g} + {floor:.0e}"
 
 
+def saved_tensors(fn):
+    """(fn(), the tensors autograd saved for backward while fn ran)."""
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, saved
+
+
 @functools.lru_cache(maxsize=None)
 def dla_root_shapes():
     """Every distinct aggregation-node configuration of the ten DLA variants, found by running

@@ -1,5 +1,5 @@
 """Checks of the C++ kernel primitives (torch.ops.dla_fused, csrc/) against their specification,
-dla_fused/ops/primitives.py, shared by test_cpp_kernels.py (CPU) and test_cuda_kernels.py (CUDA).
+dla_fused/ops/primitives.py, used by test_kernels.py on the CPU and on CUDA.
 
 Each check builds fresh random inputs on the device, runs the C++ primitive and the same-named
 plain-PyTorch primitive on float64 copies of the same inputs (on CPU), and compares them relative

@@ -8,7 +8,7 @@ from hypothesis import given, settings, strategies as st
 from dla_fused import backend
 from dla_fused.ops.aggregation import AggregationNode, aggregation_node, aggregation_node_reference
 from dla_fused.ops.primitives import memory_format_of
-from helpers import CPU_BACKENDS, assert_close, assert_within_rule, dla_root_shapes, use_backend
+from helpers import CPU_BACKENDS, assert_close, assert_within_rule, dla_root_shapes, saved_tensors, use_backend
 
 
 def make_inputs(channels, out, dtype=torch.float32, size=(3, 5), batch=2, layout=None, seed=None, device="cpu"):
@@ -214,18 +214,6 @@ def test_compile_fullgraph_matches_eager():
         assert_close(q.grad, p.grad, f"compiled grad {name}")
     assert_close(compiled_module.a.bn.running_var, eager.a.bn.running_var, "compiled running_var")
     assert compiled_module.a.bn.num_batches_tracked.item() == 1
-
-
-def saved_tensors(fn):
-    """Tensors autograd saves while running fn(), as (tensor, data_ptr) pairs."""
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, saved
 
 
 @pytest.mark.parametrize("residual", [False, True])

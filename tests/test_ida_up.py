@@ -7,7 +7,7 @@ from hypothesis import given, settings, strategies as st
 
 from dla_fused.ops.ida_up import IDAUpStep, ida_up, ida_up_reference
 from dla_fused.ops.primitives import memory_format_of, upsampled_size
-from helpers import CPU_BACKENDS, assert_close, assert_within_rule, use_backend
+from helpers import CPU_BACKENDS, assert_close, assert_within_rule, saved_tensors, use_backend
 
 ARG_NAMES = ("x", "proj_weight", "bn_weight", "bn_bias", "up_weight", "skip")
 
@@ -176,14 +176,9 @@ def test_full_resolution_output_is_not_saved():
     use_backend("cpu")
     args, buffers = make_inputs(8, 6, 4, True, True, size=(6, 5))
     a = {k: None if v is None else v.requires_grad_() for k, v in args.items()}
-    saved = []
-
-    def pack(t):
-        saved.append(t)
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = ida_up(a["x"], a["proj_weight"], a["bn_weight"], a["bn_bias"], buffers["running_mean"],
-                     buffers["running_var"], None, True, 0.1, 1e-5, a["up_weight"], 4, a["skip"])
+    out, saved = saved_tensors(lambda: ida_up(a["x"], a["proj_weight"], a["bn_weight"], a["bn_bias"],
+                                              buffers["running_mean"], buffers["running_var"], None, True, 0.1,
+                                              1e-5, a["up_weight"], 4, a["skip"]))
     live = {t.untyped_storage().data_ptr() for t in list(a.values()) + [out]}
     new = [t for t in saved if t.untyped_storage().data_ptr() not in live]
     assert all(t.dim() == 1 and t.numel() == 6 for t in new), [tuple(t.shape) for t in new]
