@@ -10,6 +10,7 @@ import bench_utils as bu
 from dla_fused import backend, models
 from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference
 from dla_fused.ops.ida_up import ida_up, ida_up_reference
+from dla_fused.profiling import saved_bytes
 
 INNER = 10 if bu.GPU else 2
 # Backward alone is timed by replaying one graph (retain_graph=True), which compiled graphs refuse
@@ -127,7 +128,7 @@ def _measure(benchmark, group, case, provider, mode, call, inputs, min_bytes):
     memory = saved = None
     if mode == "fwd+bwd":
         memory = bu.peak_memory(fn)
-        saved = bu.saved_bytes(call, exclude=inputs)
+        saved = saved_bytes(call, exclude=inputs)
     record_bytes = min_bytes if mode == "fwd+bwd" else None
     bu.record(group, case, provider, mode, seconds, memory=memory, saved=saved, min_bytes=record_bytes)
 

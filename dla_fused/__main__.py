@@ -14,26 +14,23 @@ import time
 
 
 def _saved_bytes(model, images, target, cfg) -> int:
-    """Bytes autograd keeps for backward during one training step (unique storages)."""
-    import torch
+    """Bytes autograd keeps for backward during one training step, beyond the inputs and the
+    parameters (alive anyway), as the benchmarks count them."""
+    from .profiling import saved_bytes
     from .train import _loss
-    storages = {}
 
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        loss, _ = _loss(cfg, model(images), target)
-    loss.backward()
+    def step():
+        _loss(cfg, model(images), target)[0].backward()
+    count = saved_bytes(step, exclude=[images, *model.parameters()])
     model.zero_grad(set_to_none=True)
-    return sum(storages.values())
+    return count
 
 
 def demo(args) -> int:
     import torch
     from . import backend, create_model, parameter_table
     from .models import create_model as create_reference
-    from .train import TrainConfig, train, write_plot
+    from .train import TrainConfig, train
     device = "cuda" if torch.cuda.is_available() else "cpu"
     print("Parameter counts (original layout / timm layout):")
     for row in parameter_table():
