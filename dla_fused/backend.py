@@ -151,10 +151,13 @@ def primitives_for(device: torch.device):
 def backend_info(print_it: bool = True) -> str:
     """What was built, what can run where, and what is selected and why."""
     ext = _extension()
+    if ext is None:
+        built = "not built (" + _load_errors.get("_C", "") + ")"
+    else:
+        built = "built, CUDA kernels " + ("included" if ext.with_cuda else "not included")
     lines = [f"dla_fused backend: requested {get_backend()!r}"
              + ("" if _requested is not None else " (DLA_FUSED_BACKEND or default)"),
-             "extension dla_fused._C: " + ("not built (" + _load_errors.get("_C", "") + ")" if ext is None
-                                           else "built, CUDA kernels " + ("included" if ext.with_cuda else "not included")),
+             "extension dla_fused._C: " + built,
              f"torch {torch.__version__}, CUDA device: "
              + (torch.cuda.get_device_name() if torch.cuda.is_available() else "none"),
              f"triton interpreter: {'on' if triton_interpreted() else 'off'}"]

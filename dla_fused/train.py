@@ -201,7 +201,7 @@ def _build_model(cfg: TrainConfig, num_outputs: int):
     return fuse(model) if cfg.fused else model
 
 
-def _logits(model_name: str, output, size):
+def _logits(output, size):
     """Per-pixel (seg) or per-image (cls) logits from each model family's output."""
     if isinstance(output, list):  # CenterNet-style: [{'seg': (N, K, H/4, W/4)}]
         return F.interpolate(output[0]["seg"], size=size, mode="bilinear", align_corners=False)
@@ -211,7 +211,7 @@ def _logits(model_name: str, output, size):
 
 
 def _loss(cfg: TrainConfig, output, target):
-    logits = _logits(cfg.model, output, target.shape[-2:]).float()
+    logits = _logits(output, target.shape[-2:]).float()
     if cfg.task == "seg" and isinstance(output, tuple):
         return F.nll_loss(logits, target), logits
     return F.cross_entropy(logits, target), logits
@@ -256,12 +256,11 @@ class _StopRequest:
         self.stopping = False   # some process did, and all stop at this step boundary
         self.previous = None
 
-    def __enter__(self):
+    def install(self) -> None:
         if threading.current_thread() is threading.main_thread():
             self.previous = signal.signal(signal.SIGINT, self._handle)
-        return self
 
-    def __exit__(self, *exc):
+    def restore(self) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGINT, self.previous)
 
@@ -340,7 +339,7 @@ def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx) -> Optional[flo
             if cfg.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             with amp_ctx():
-                pred = _logits(cfg.model, model(images), target.shape[-2:]).argmax(1).cpu()
+                pred = _logits(model(images), target.shape[-2:]).argmax(1).cpu()
             if cfg.task == "cls":
                 correct += int((pred == target).sum())
                 total += target.numel()
@@ -451,7 +450,7 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
         torch.cuda.reset_peak_memory_stats(device)
     stop = _StopRequest(env)
     try:
-        stop.__enter__()
+        stop.install()
         for epoch in range(progress["epoch"], cfg.epochs):
             sampler.set_position(epoch, progress["batch"] * cfg.batch_size)
             loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
@@ -511,11 +510,12 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
                   f"continue with --resume {ckpt_path}", file=sys.stderr)
         raise
     finally:
-        stop.__exit__()
+        stop.restore()
         if log:
             log.close()
     if env.main:
-        write_plot(log_path, os.path.join(cfg.out, "plot.png"), f"{cfg.model} ({'fused' if cfg.fused else 'reference'})")
+        ops = "fused" if cfg.fused else "reference"
+        write_plot(log_path, os.path.join(cfg.out, "plot.png"), f"{cfg.model} ({ops})")
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"images_per_s": sum(images_per_s) / len(images_per_s) if images_per_s else float("nan"),
             "peak_memory_bytes": peak, "final_loss": loss_value, "metric": metric,

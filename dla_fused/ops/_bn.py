@@ -20,12 +20,10 @@ def pixel_count(x: Tensor) -> int:
     return x.shape[0] * x.shape[2] * x.shape[3]
 
 
-def affine(bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor, eps: float
-           ) -> Tuple[Tensor, Tensor, Tensor]:
-    """BatchNorm as y = scale * z + shift: returns (scale, shift, invstd)."""
-    invstd = torch.rsqrt(var + eps)
-    scale = bn_weight.to(mean.dtype) * invstd
-    return scale, bn_bias.to(mean.dtype) - mean * scale, invstd
+def affine(bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
+    """BatchNorm as y = scale * z + shift: returns (scale, shift)."""
+    scale = bn_weight.to(mean.dtype) * torch.rsqrt(var + eps)
+    return scale, bn_bias.to(mean.dtype) - mean * scale
 
 
 def combine_stats(group, mean: Tensor, var: Tensor, count: int) -> Tuple[Tensor, Tensor, int]:
@@ -79,7 +77,8 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
     number of pixels the batch statistics were taken over (all ranks of `group`; default: this
     batch's). Returns (grad children, grad W (2-D), grad gamma,
     grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them."""
-    scale, _, invstd = affine(bn_weight, torch.zeros_like(mean), mean, var, eps)
+    invstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(mean.dtype) * invstd
     need_z = batch_stats or bn_grads
     if need_z:
         if z is None:

@@ -57,13 +57,13 @@ def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bi
     if batch_stats:
         # Training: the product is written once, then normalised in place (no extra buffer).
         out, mean, var, count = _bn.product_with_stats(P, children, weight2d, group)
-        scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
         P.agg_apply_(out, scale, shift, res)
         return out, mean, var, count
     # Eval: BatchNorm folded into the weights, one GEMM with a bias + residual + ReLU epilogue.
     acc = acc_dtype(weight.dtype)
     mean, var = running_mean.to(acc), running_var.to(acc)
-    scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+    scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
     folded = (weight2d.to(acc) * scale[:, None]).to(weight.dtype)
     out = P.agg_conv(children, folded, shift, res, True, False)[0]
     return out, mean.clone(), var.clone(), _bn.pixel_count(children[0])
@@ -198,7 +198,7 @@ def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, n
         _checks.more_than_one_value(children[0], "children[0]")
 
 
-def _merge_tail(children: List[Tensor], weight: Tensor) -> List[Tensor]:
+def _merge_tail(children: List[Tensor]) -> List[Tensor]:
     """Kernels take at most MAX_CHILDREN_PER_KERNEL children; beyond that the tail is concatenated
     (the only case where a concat is materialised)."""
     if len(children) <= MAX_CHILDREN_PER_KERNEL:
@@ -244,7 +244,7 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
               batch_stats, momentum, eps, residual)
     backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
     if len(children) > MAX_CHILDREN_PER_KERNEL:
-        children = _merge_tail(children, weight)
+        children = _merge_tail(children)
     group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.aggregation_node(

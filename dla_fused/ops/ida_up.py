@@ -65,7 +65,7 @@ def _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, b
             z = _bn.recompute_product(P, [x], weight2d)
             acc = acc_dtype(x.dtype)
             mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-        scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
         return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count
 
 
@@ -79,7 +79,7 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
             grad_x, grad_up = P.ida_upsample_backward(grad_out, x, None, None, up_weight, factor)
             return grad_x, None, None, None, grad_up if up_weight is not None else None
         weight2d = proj_weight.flatten(1)
-        scale, shift, _ = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
         z = _bn.recompute_product(P, [x], weight2d)
         grad_p, grad_up = P.ida_upsample_backward(grad_out, z, scale, shift, up_weight, factor)
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_p, None, [x], weight2d, bn_weight, mean, var, eps,
