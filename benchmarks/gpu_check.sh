@@ -3,7 +3,11 @@
 # the CUDA tests, run the benchmarks, write everything to OUT_DIR and print a summary table last.
 #   usage: benchmarks/gpu_check.sh OUT_DIR
 # Uses the python3 on the PATH (it must have torch with CUDA, triton, pytest, pytest-benchmark).
-# Stages can be skipped with GPU_CHECK_SKIP="build tests bench" (any subset).
+# Stages can be skipped with GPU_CHECK_SKIP="build tests bench" (any subset). Each of the two pytest
+# stages has a time limit (GPU_CHECK_TEST_S, default 240; GPU_CHECK_BENCH_S, default 150) after which
+# it is interrupted with SIGINT, so pytest still writes its report and the summary; with pytest-xdist
+# installed the tests run in GPU_CHECK_WORKERS processes (default 4), so a crashing test loses
+# itself, not the run.
 set -uo pipefail
 OUT=${1:?usage: benchmarks/gpu_check.sh OUT_DIR}
 mkdir -p "$OUT"
@@ -34,14 +38,17 @@ fi
 
 if [[ " $SKIP " != *" tests "* ]]; then
   stamp "CUDA tests"
-  DLA_FUSED_TRITON_AUTOTUNE=0 $PY -m pytest tests/test_cuda.py tests/test_kernels.py tests/test_triton_kernels.py \
+  workers=()
+  if $PY -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_CHECK_WORKERS:-4}"); fi
+  DLA_FUSED_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "${GPU_CHECK_TEST_S:-240}" \
+    $PY -m pytest tests/test_cuda.py tests/test_kernels.py tests/test_triton_kernels.py "${workers[@]}" \
     -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1 || status=1
   tail -15 "$OUT/tests.log"
 fi
 
 if [[ " $SKIP " != *" bench "* ]]; then
   stamp "benchmarks"
-  DLA_BENCH_OUT="$OUT" $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable-gc \
+  DLA_BENCH_OUT="$OUT" timeout -s INT -k 30 "${GPU_CHECK_BENCH_S:-150}" $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable-gc \
     --benchmark-json="$OUT/pytest_benchmark.json" > "$OUT/bench.log" 2>&1 || status=1
   tail -5 "$OUT/bench.log"
 fi
