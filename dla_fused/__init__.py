@@ -4,11 +4,36 @@
     model = dla_fused.DLA34(num_classes=10)            # the same, as a class
     dla_fused.backend_info()                           # what runs where, and why
 """
-from . import backend, models, nn, ops
-from .backend import backend_info, get_backend, set_backend
-from .checkpoint import CheckpointError, load_checkpoint
-from .fuse import fuse, is_fused, unfuse
-from .models import list_models, parameter_table
+import importlib.util as _importlib_util
+import os as _os
+import sys as _sys
+
+
+def _load_source_tree_kernels():
+    """The Triton kernels live in the top-level folder kernels/ and are installed as
+    dla_fused.kernels (setup.py's package_dir). A source checkout imported without that mapping
+    (`setup.py develop`, which pip < 25 runs for `pip install -e .` when there is no pyproject.toml,
+    or PYTHONPATH alone) does not see them; load them from ../kernels then."""
+    if _importlib_util.find_spec(__name__ + ".kernels") is not None:
+        return
+    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    init = _os.path.join(folder, "__init__.py")
+    if not _os.path.isfile(init):
+        return
+    spec = _importlib_util.spec_from_file_location(__name__ + ".kernels", init,
+                                                   submodule_search_locations=[folder])
+    module = _importlib_util.module_from_spec(spec)
+    _sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+
+
+_load_source_tree_kernels()
+
+from . import backend, models, nn, ops  # noqa: E402
+from .backend import backend_info, get_backend, set_backend  # noqa: E402
+from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from .fuse import fuse, is_fused, unfuse  # noqa: E402
+from .models import list_models, parameter_table  # noqa: E402
 
 __version__ = "0.1.0"
 
