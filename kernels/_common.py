@@ -27,6 +27,36 @@ def interpreter_block(extent: int) -> int:
     return 16 if extent <= 64 else 128
 
 
+def _triton_version():
+    return tuple(int(part) for part in triton.__version__.split(".")[:2])
+
+
+_INTERPRETER_PATCHED = []
+
+
+def fix_interpreter_scalar_index():
+    """Triton before 3.8 interprets `range(0, n, BLOCK)` over a runtime scalar n by calling int() on
+    the one-element 1-D array that holds n, which NumPy 2.4 and later refuse ("only 0-dimensional
+    arrays can be converted to Python scalars"). Triton 3.8 squeezes the array first; do the same on
+    older versions. Interpreter only; the compiled kernels are not affected."""
+    if _INTERPRETER_PATCHED or _triton_version() >= (3, 8):
+        return
+    _INTERPRETER_PATCHED.append(True)
+    from triton.runtime import interpreter
+    original = getattr(interpreter, "_patch_lang_tensor", None)
+    if original is None:
+        return
+
+    def patch_lang_tensor(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+    interpreter._patch_lang_tensor = patch_lang_tensor
+
+
+if interpreted():
+    fix_interpreter_scalar_index()
+
+
 class Tunable:
     """A @triton.jit kernel with an autotuned twin. `kernel[grid](...)` launches the twin on a
     GPU, the first config when autotuning is off, and the `interpreter` block sizes under
@@ -45,6 +75,7 @@ class Tunable:
         return [c.kwargs[name] for c in configs]
 
     def _interpreted_launch(self, grid, args, kwargs):
+        fix_interpreter_scalar_index()
         named = dict(zip(self.fn.arg_names, args), **kwargs)
         blocks = {k: interpreter_block(named[v]) if isinstance(v, str) else v for k, v in self.interpreter.items()}
         return self.fn[grid](*args, **kwargs, **blocks)
