@@ -63,9 +63,31 @@ class Tunable:
     TRITON_INTERPRET=1, where autotuning would only cost time; there a size given as an argument's
     name is interpreter_block(that argument)."""
 
-    def __init__(self, fn, configs, key, interpreter, **options):
-        self.fn, self.configs, self.interpreter = fn, configs, interpreter
+    def __init__(self, fn, configs, key, interpreter, dot_tiles=None, **options):
+        self.fn, self.configs, self.interpreter, self.dot_tiles = fn, configs, interpreter, dot_tiles
+        if dot_tiles is not None:
+            options["prune_configs_by"] = {"early_config_prune": self._prune}
         self.tuned = triton.autotune(configs=configs, key=key, **options)(fn)
+
+    def shared_bytes(self, config, args) -> int:
+        """Estimated shared memory of `config`: the two tl.dot operand tiles `dot_tiles` names,
+        ((rows, cols) of block-size names each), in the DOT dtype, buffered num_stages - 1 times as
+        Triton's software pipelining does. 0 for kernels without tl.dot."""
+        if self.dot_tiles is None:
+            return 0
+        k = config.kwargs
+        elements = sum(k[rows] * k[cols] for rows, cols in self.dot_tiles)
+        return max(config.num_stages - 1, 1) * elements * args["DOT"].primitive_bitwidth // 8
+
+    def fitting(self, configs, args):
+        """The configs whose shared memory fits the device of the first tensor argument (the first
+        config when none does: the launch then reports the error)."""
+        device = next((a.device for a in args.values() if isinstance(a, torch.Tensor)), torch.device("cpu"))
+        limit = shared_memory_limit(device)
+        return [c for c in configs if self.shared_bytes(c, args) <= limit] or list(configs[:1])
+
+    def _prune(self, configs, named_args, **kwargs):
+        return self.fitting(configs, dict(named_args, **kwargs))
 
     def candidates(self, name):
         """Every value the block size `name` can take in the current mode."""
@@ -90,8 +112,20 @@ class Tunable:
         return self.tuned[grid]
 
 
-def tunable(configs, key, interpreter, **options):
-    return lambda fn: Tunable(fn, configs, key, interpreter, **options)
+def tunable(configs, key, interpreter, dot_tiles=None, **options):
+    return lambda fn: Tunable(fn, configs, key, interpreter, dot_tiles, **options)
+
+
+# Per-block shared memory a kernel may opt in to on Hopper (H100, H200): 227 KiB.
+HOPPER_SHARED_BYTES = 232448
+
+
+def shared_memory_limit(device) -> int:
+    """Bytes of shared memory one program may use on `device` (the Hopper figure off a GPU)."""
+    if device.type != "cuda":
+        return HOPPER_SHARED_BYTES
+    props = torch.cuda.get_device_properties(device)
+    return getattr(props, "shared_memory_per_block_optin", HOPPER_SHARED_BYTES)
 
 
 def grid(*dims):

@@ -49,7 +49,8 @@ def _accumulate(acc, x_ptr, c_in, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, 
     return acc
 
 
-@tunable(GEMM_CONFIGS, key=["num_pixels", "c_out", "c_in", "so_c"], interpreter=GEMM_INTERPRETER)
+@tunable(GEMM_CONFIGS, key=["num_pixels", "c_out", "c_in", "so_c"], interpreter=GEMM_INTERPRETER,
+         dot_tiles=[("BLOCK_P", "BLOCK_K"), ("BLOCK_K", "BLOCK_CO")])
 @triton.jit
 def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
                  res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
@@ -329,7 +330,8 @@ def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torc
 # Backward GEMMs
 
 @tunable(WEIGHT_GRAD_CONFIGS, key=["num_pixels", "c_out", "c_in"],
-         interpreter=dict(BLOCK_CO="c_out", BLOCK_CI="c_in", BLOCK_K=16))
+         interpreter=dict(BLOCK_CO="c_out", BLOCK_CI="c_in", BLOCK_K=16),
+         dot_tiles=[("BLOCK_CO", "BLOCK_K"), ("BLOCK_K", "BLOCK_CI")])
 @triton.jit
 def _weight_grad_kernel(part_ptr, sp_s, sp_o, dz_ptr, sd_n, sd_c, sd_p, x_ptr, sx_n, sx_c, sx_p,
                         num_pixels, hw, c_out, c_in, chunk, ACC: tl.constexpr, DOT: tl.constexpr,

@@ -313,3 +313,21 @@ def test_gpu_sizes(dtype):
         z, scale, shift, up, f, skip, size = ida_args(dtype, dev, factor, "bn-skip", c=64, h=33, w=35)
         check("ida_upsample", [z, scale, shift, up, f, skip])
         check("ida_upsample_backward", [activation(size, dtype, dev, "cl"), z, scale, shift, up, f])
+
+
+def test_autotuning_skips_configs_whose_shared_memory_does_not_fit():
+    # Hopper allows 227 KiB per block; Triton buffers each tl.dot operand tile num_stages - 1 times.
+    import triton.language as tl
+    from dla_fused.kernels._common import HOPPER_SHARED_BYTES
+    for kernel, dims in ((aggregation._conv_kernel, ("BLOCK_P", "BLOCK_K", "BLOCK_CO")),
+                         (aggregation._weight_grad_kernel, ("BLOCK_CO", "BLOCK_K", "BLOCK_CI"))):
+        x = torch.empty(1)
+        for dot, size in ((tl.float32, 4), (tl.float64, 8), (tl.bfloat16, 2)):
+            kept = kernel.fitting(kernel.configs, {"x": x, "DOT": dot})
+            for c in kernel.configs:
+                m, k, n = (c.kwargs[d] for d in dims)
+                need = (c.num_stages - 1) * (m * k + k * n) * size
+                assert kernel.shared_bytes(c, {"DOT": dot}) == need
+                assert (c in kept) == (need <= HOPPER_SHARED_BYTES)
+        assert len(kernel.fitting(kernel.configs, {"x": x, "DOT": tl.float64})) < len(kernel.configs)
+    assert aggregation._apply_kernel.fitting(aggregation._apply_kernel.configs, {}) == aggregation._apply_kernel.configs
