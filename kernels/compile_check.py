@@ -1,18 +1,21 @@
 """Compile every Triton kernel of dla_fused for a CUDA architecture on a machine without a GPU.
 
-    python -m dla_fused.kernels.compile_check [--arch 90] [--configs first|all] [--dtypes ...] [--only TEXT]
+    python -m dla_fused.kernels.compile_check [--arch 90] [--configs first|all] [--dtypes ...]
+                                              [--only TEXT] [--shared-limit BYTES]
 
 The Triton primitives (kernels/aggregation.py, kernels/ida_up.py) are called on small CPU tensors of
-each dtype, in NCHW and channels_last, with the argument combinations the fused ops use. Each kernel
+each dtype, in NCHW and channels_last, in two shapes (SHAPES) and with the argument combinations
+the fused ops use (every children count, with and without statistics, residual, BN, skip). Each kernel
 launch is replaced by compilation for the target: Triton's own argument specialisation picks the
 variant a launch with such tensors would build, and Triton lowers it to PTX and, with the ptxas it
 ships, to a cubin. Each kernel's shared memory is checked against the architecture's per-block limit
 (a launch would fail with "out of resources" on the GPU otherwise). Nothing runs; the values of the
 outputs are meaningless.
 
-`--configs all` compiles every autotuning config the autotuner would try (those its shared-memory
-estimate lets through), `first` (the default) only the one used with DLA_FUSED_TRITON_AUTOTUNE=0. Must run without TRITON_INTERPRET=1. Prints one line per
-compiled variant and exits with status 1 if any failed.
+`first` (the default) compiles the config used with DLA_FUSED_TRITON_AUTOTUNE=0, `--configs all`
+every config the autotuner would try (those its shared-memory estimate lets through). Must run
+without TRITON_INTERPRET=1. Prints one line per compiled variant and exits with status 1 if any
+failed.
 """
 import argparse
 import os
@@ -20,12 +23,21 @@ import sys
 import time
 
 # Per-block shared memory a kernel may use (bytes) by compute capability.
-SHARED_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+SHARED_LIMIT = {75: 65536, 80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 
-def _calls(torch, aggregation, ida_up, dtype, channels_last):
-    """(name, thunk) for the argument combinations of the fused ops."""
+# Two shapes, since Triton specialises integer arguments on divisibility by 16: "aligned" (channels
+# and pixel counts multiples of 16, like most of DLA's) and "odd" (7x7 pixels, odd channel counts,
+# like the last stage at 224 px). Children counts: every argument-group count of the GEMM kernel,
+# and more children than groups (the tail is concatenated).
+SHAPES = {"aligned": dict(hw=8, c_out=32, children=(32, 32, 16, 32, 16, 16, 32, 16, 32, 16),
+                          counts=tuple(range(1, 9)) + (10,)),
+          "odd": dict(hw=7, c_out=24, children=(24, 13, 5, 24), counts=(1, 3))}
+
+
+def _calls(torch, aggregation, ida_up, dtype, channels_last, shape):
+    """(label, thunk) for the argument combinations of the fused ops."""
     def act(n, c, h, w):
         x = torch.randn(n, c, h, w).to(dtype)
         return x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -35,11 +47,12 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last):
     def vec(c):
         return torch.rand(c, dtype=acc) + 0.5
 
-    n, h, w, c_out = 2, 8, 8, 32
-    children = [act(n, c, h, w) for c in (32, 32, 16, 32, 16, 16, 32)]
+    n, h, c_out = 2, SHAPES[shape]["hw"], SHAPES[shape]["c_out"]
+    w = h
+    children = [act(n, c, h, w) for c in SHAPES[shape]["children"]]
     out = act(n, c_out, h, w)
     calls = []
-    for k in (1, 2, 4, 7):  # training: conv + statistics, then normalise (+ residual) + ReLU
+    for k in SHAPES[shape]["counts"]:  # training: conv + statistics; eval: the folded BN epilogue
         kids = children[:k]
         weight = torch.randn(c_out, sum(x.shape[1] for x in kids)).to(dtype)
         calls.append((f"agg_conv[{k} children, stats]",
@@ -47,9 +60,14 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last):
         calls.append((f"agg_conv[{k} children, eval: shift, residual, relu]",
                       lambda kids=kids, weight=weight: aggregation.agg_conv(kids, weight, vec(c_out), out, True,
                                                                             False)))
+    for k in SHAPES[shape]["counts"][:3]:  # the backward GEMMs run per child
+        kids = children[:k]
+        weight = torch.randn(c_out, sum(x.shape[1] for x in kids)).to(dtype)
         calls.append((f"agg_backward_gemm[{k} children]",
                       lambda kids=kids, weight=weight: aggregation.agg_backward_gemm(out.clone(), kids, weight,
                                                                                      out, out)))
+    two = children[:2]
+    two_weight = torch.randn(c_out, sum(x.shape[1] for x in two)).to(dtype)
     calls += [
         ("agg_apply_[residual]", lambda: aggregation.agg_apply_(out.clone(), vec(c_out), vec(c_out), out)),
         ("agg_apply_", lambda: aggregation.agg_apply_(out.clone(), vec(c_out), vec(c_out), None)),
@@ -60,8 +78,7 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last):
         ("agg_backward_dz_[eval]", lambda: aggregation.agg_backward_dz_(out.clone(), out, out, vec(c_out), None,
                                                                         None, None)),
         ("agg_backward_gemm[no residual]",
-         lambda: aggregation.agg_backward_gemm(out.clone(), children[:2], torch.randn(c_out, 64).to(dtype),
-                                               None, None)),
+         lambda: aggregation.agg_backward_gemm(out.clone(), two, two_weight, None, None)),
     ]
     for factor in (2, 4):
         z = act(n, c_out, h, w)
@@ -84,6 +101,17 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last):
               ("ida_upsample_backward[projection only]",
                lambda: ida_up.ida_upsample_backward(z, z, vec(c_out), vec(c_out), None, 1))]
     return calls
+
+
+def _describe(err):
+    """One line for a compile error: the innermost cause's message (Triton wraps errors raised in
+    called @jit functions), and for ptxas the lines of its output that report an error."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    text = str(getattr(err, "error_message", None) or err).strip()
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    errors = [line for line in lines if "error" in line.lower()]
+    return f"{type(err).__name__}: {' | '.join((errors or lines[-1:])[:3])}"
 
 
 class Compiler:
@@ -121,7 +149,7 @@ class Compiler:
             error = (f"{shared} bytes of shared memory, above the limit of {self.shared_limit} per block"
                      if self.shared_limit and shared > self.shared_limit else None)
         except Exception as err:  # noqa: BLE001 (reported, then counted as a failure)
-            shared, error = None, f"{type(err).__name__}: {str(err).strip().splitlines()[-1] if str(err) else ''}"
+            shared, error = None, _describe(err)
         self.done[key] = error
         self.results.append((self.context, label, shared, time.perf_counter() - start, error))
         status = "FAILED " + error if error else f"ok, {shared} B shared"
@@ -141,6 +169,9 @@ def main(argv=None):
     parser.add_argument("--shared-limit", type=int, metavar="BYTES",
                         help="per-block shared memory limit to check against (default: that of --arch)")
     args = parser.parse_args(argv)
+    if args.arch not in SHARED_LIMIT and args.shared_limit is None:
+        parser.error(f"no shared-memory limit known for --arch {args.arch} (known: "
+                     f"{', '.join(map(str, SHARED_LIMIT))}); give --shared-limit BYTES")
     if os.environ.get("TRITON_INTERPRET") == "1":
         parser.error("unset TRITON_INTERPRET: the interpreter replaces the kernels that are to be compiled")
     if args.configs == "first":
@@ -162,8 +193,7 @@ def main(argv=None):
     def every_config(self, grid):
         def launch(*a, **kw):
             for c in self.fitting(self.configs, dict(zip(self.fn.arg_names, a), **kw)):
-                self.fn.run(*a, grid=grid, warmup=False, **kw, **c.kwargs, num_warps=c.num_warps,
-                            num_stages=c.num_stages)
+                self.fn.run(*a, grid=grid, warmup=False, **kw, **c.all_kwargs())
         return launch
 
     JITFunction.run = lambda fn, *a, grid=None, warmup=False, **kw: compiler.run(fn, *a, grid=grid, **kw)
@@ -178,12 +208,15 @@ def main(argv=None):
         torch.manual_seed(0)
         for name in args.dtypes:
             for channels_last in (False, True):
-                for label, call in _calls(torch, aggregation, ida_up, getattr(torch, name), channels_last):
-                    if args.only and args.only not in label:
-                        continue
-                    compiler.context = f"{label} {name} {'channels_last' if channels_last else 'NCHW'}"
-                    print(compiler.context, flush=True)
-                    call()
+                for shape in SHAPES:
+                    for label, call in _calls(torch, aggregation, ida_up, getattr(torch, name), channels_last,
+                                              shape):
+                        if args.only and args.only not in label:
+                            continue
+                        layout = "channels_last" if channels_last else "NCHW"
+                        compiler.context = f"{label} {name} {layout} {shape}"
+                        print(compiler.context, flush=True)
+                        call()
     finally:
         JITFunction.run = original_run
         _common.Tunable.__getitem__ = original_getitem
@@ -193,7 +226,8 @@ def main(argv=None):
     print(f"\n{len(compiler.results)} kernel variants compiled for sm_{args.arch} in "
           f"{time.perf_counter() - start:.0f} s, {len(failed)} failed")
     if largest:
-        print(f"most shared memory: {largest[1]}, {largest[2]} bytes (limit {compiler.shared_limit})")
+        print(f"most shared memory: {largest[1]} (from {largest[0]}), {largest[2]} bytes "
+              f"(limit {compiler.shared_limit})")
     for context, label, _, _, error in failed:
         print(f"FAILED {label} (from {context}): {error}")
     return 1 if failed or not compiler.results else 0
