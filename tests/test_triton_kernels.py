@@ -330,4 +330,14 @@ def test_autotuning_skips_configs_whose_shared_memory_does_not_fit():
                 assert kernel.shared_bytes(c, {"DOT": dot}) == need
                 assert (c in kept) == (need <= HOPPER_SHARED_BYTES)
         assert len(kernel.fitting(kernel.configs, {"x": x, "DOT": tl.float64})) < len(kernel.configs)
+        # and the autotuner asks the same (Triton calls the hook with the positional arguments as
+        # nargs and the keyword arguments, among them DOT)
+        tuner = kernel.tuned
+        tuner.nargs = {"x": x}
+        try:
+            expected = kernel.fitting(kernel.configs, {"x": x, "DOT": tl.float64})
+            assert tuner.prune_configs({"DOT": tl.float64}) == expected
+            assert tuner.prune_configs({"DOT": tl.float32}) == kernel.configs
+        finally:
+            tuner.nargs = None
     assert aggregation._apply_kernel.fitting(aggregation._apply_kernel.configs, {}) == aggregation._apply_kernel.configs
