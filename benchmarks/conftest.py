@@ -150,15 +150,32 @@ def _chart(results, path):
     plt.close(fig)
 
 
-def pytest_terminal_summary(terminalreporter):
-    if not bu.RESULTS:
-        return
+def _write_results():
+    """results.json and summary.txt from what has been measured so far; the summary's lines."""
     os.makedirs(OUT, exist_ok=True)
     lines = summarize(bu.RESULTS)
     with open(os.path.join(OUT, "results.json"), "w") as f:
         json.dump({"environment": bu.environment(), "results": bu.RESULTS}, f, indent=1)
     with open(os.path.join(OUT, "summary.txt"), "w") as f:
         f.write("\n".join(lines) + "\n")
+    return lines
+
+
+_written = [0]
+
+
+def pytest_runtest_logfinish(nodeid, location):
+    """Rewrite the files after every benchmark that recorded something, so that a run stopped
+    part-way (a time limit, a crash) still leaves what it measured."""
+    if len(bu.RESULTS) > _written[0]:
+        _written[0] = len(bu.RESULTS)
+        _write_results()
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not bu.RESULTS:
+        return
+    lines = _write_results()
     _chart(bu.RESULTS, os.path.join(OUT, "chart.png"))
     terminalreporter.write_sep("=", "dla_fused benchmark summary")
     for line in lines:
