@@ -12,13 +12,16 @@ import sys as _sys
 def _load_source_tree_kernels():
     """The Triton kernels live in the top-level folder kernels/ and are installed as
     dla_fused.kernels (setup.py's package_dir). A source checkout imported without that mapping
-    (`setup.py develop`, which pip < 25 runs for `pip install -e .` when there is no pyproject.toml,
-    or PYTHONPATH alone) does not see them; load them from ../kernels then."""
+    (`setup.py develop`, which pip < 25.3 runs for `pip install -e .` when there is no
+    pyproject.toml, or PYTHONPATH alone) does not see them; load them from ../kernels then, if that
+    is this project's checkout (setup.py beside it)."""
     if _importlib_util.find_spec(__name__ + ".kernels") is not None:
         return
-    folder = _os.path.join(_os.path.dirname(_os.path.dirname(_os.path.abspath(__file__))), "kernels")
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    folder = _os.path.join(root, "kernels")
     init = _os.path.join(folder, "__init__.py")
-    if not _os.path.isfile(init):
+    if not all(_os.path.isfile(f) for f in (init, _os.path.join(folder, "aggregation.py"),
+                                              _os.path.join(root, "setup.py"))):
         return
     spec = _importlib_util.spec_from_file_location(__name__ + ".kernels", init,
                                                    submodule_search_locations=[folder])
