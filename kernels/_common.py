@@ -31,17 +31,14 @@ def _triton_version():
     return tuple(int(part) for part in triton.__version__.split(".")[:2])
 
 
-_INTERPRETER_PATCHED = []
-
-
-def fix_interpreter_scalar_index():
+def _fix_interpreter_scalar_index():
     """Triton before 3.8 interprets `range(0, n, BLOCK)` over a runtime scalar n by calling int() on
     the one-element 1-D array that holds n, which NumPy 2.4 and later refuse ("only 0-dimensional
     arrays can be converted to Python scalars"). Triton 3.8 squeezes the array first; do the same on
-    older versions. Interpreter only; the compiled kernels are not affected."""
-    if _INTERPRETER_PATCHED or _triton_version() >= (3, 8):
+    older versions. Interpreter only (TRITON_INTERPRET is read when triton is imported, before this
+    module); the compiled kernels are not affected."""
+    if _triton_version() >= (3, 8):
         return
-    _INTERPRETER_PATCHED.append(True)
     from triton.runtime import interpreter
     original = getattr(interpreter, "_patch_lang_tensor", None)
     if original is None:
@@ -54,7 +51,7 @@ def fix_interpreter_scalar_index():
 
 
 if interpreted():
-    fix_interpreter_scalar_index()
+    _fix_interpreter_scalar_index()
 
 
 class Tunable:
@@ -97,7 +94,6 @@ class Tunable:
         return [c.kwargs[name] for c in configs]
 
     def _interpreted_launch(self, grid, args, kwargs):
-        fix_interpreter_scalar_index()
         named = dict(zip(self.fn.arg_names, args), **kwargs)
         blocks = {k: interpreter_block(named[v]) if isinstance(v, str) else v for k, v in self.interpreter.items()}
         return self.fn[grid](*args, **kwargs, **blocks)
