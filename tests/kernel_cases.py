@@ -158,7 +158,7 @@ def check_agg_apply(device, dtype, layout, residual_layout, seed=0, size=(N, H, 
     z = inp.act(n, c, h, w, layout)
     scale, shift = inp.vec(c, positive=True), inp.vec(c)
     residual = inp.act(n, c, h, w, residual_layout) if residual_layout else None
-    ref = to64(z)
+    ref = to64(z).clone()  # to64 of a float64 CPU tensor is that tensor; the primitive writes in place
     P.agg_apply_(ref, *to64((scale, shift, residual)))
     before = (z.data_ptr(), z.stride())
     OPS.agg_apply_(z, scale, shift, residual)
@@ -191,7 +191,7 @@ def check_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, seed=0, 
     out = inp.act(n, c, h, w, layout) if with_out else None
     scale = inp.vec(c)
     z_coef, bias, mean = (inp.vec(c), inp.vec(c), inp.vec(c)) if with_z_coef else (None, None, None)
-    ref = to64(z)
+    ref = to64(z).clone()  # to64 of a float64 CPU tensor is that tensor; the primitive writes in place
     P.agg_backward_dz_(ref, *to64((grad_out, out, scale, z_coef, bias, mean)))
     before = (z.data_ptr(), z.stride())
     OPS.agg_backward_dz_(z, grad_out, out, scale, z_coef, bias, mean)
