@@ -8,7 +8,7 @@
 // A driver has
 //   for_each<scalar_t>(make, vec_len, ptrs):   make(std::integral_constant<int, VEC>) returns a
 //       visit with rows(), inner() and operator()(row, j); VEC > 1 when vec_len and every pointer
-//       allow 16-byte vectors.
+//       allow vectors of the driver's width (16 bytes on CUDA, 32 on CPU).
 //   reduce<scalar_t>(make, finish, vec_len, ptrs, channels, parts, like): the visit also has
 //       State, channels_last and vec (its VEC, which may stay 1 whatever was offered), and
 //       operator()(State* st, row, j, c, part) adds one vector to st[0..vec) (channels

@@ -25,9 +25,17 @@ inline bool vectorizable(int vec, int bytes, int64_t vec_len, std::initializer_l
   return true;
 }
 
-}  // namespace dla_fused
-
-namespace dla_fused {
+// f(std::integral_constant<int, VEC>{}) with VEC = kBytes / sizeof(scalar_t) when vec_len and ptrs
+// allow vectors of kBytes bytes, else with VEC = 1: how a driver picks its visit's vector width.
+template <typename scalar_t, int kBytes, typename F>
+void with_vector_width(int64_t vec_len, std::initializer_list<const void*> ptrs, F&& f) {
+  constexpr int kVec = kBytes / sizeof(scalar_t);
+  if (vectorizable(kVec, kBytes, vec_len, ptrs)) {
+    f(std::integral_constant<int, kVec>{});
+  } else {
+    f(std::integral_constant<int, 1>{});
+  }
+}
 
 template <typename T, int N>
 struct alignas(sizeof(T) * N) Pack {

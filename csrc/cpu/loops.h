@@ -27,23 +27,14 @@ struct CpuLoops {
 
   template <typename scalar_t, typename Make>
   static void for_each(Make&& make, int64_t vec_len, std::initializer_list<const void*> ptrs) {
-    constexpr int kVec = kVecBytes / sizeof(scalar_t);
-    if (vectorizable(kVec, kVecBytes, vec_len, ptrs)) {
-      run(make(std::integral_constant<int, kVec>{}));
-    } else {
-      run(make(std::integral_constant<int, 1>{}));
-    }
+    with_vector_width<scalar_t, kVecBytes>(vec_len, ptrs, [&](auto vec) { run(make(vec)); });
   }
 
   template <typename scalar_t, typename Make, typename Finish>
   static void reduce(Make&& make, const Finish& finish, int64_t vec_len, std::initializer_list<const void*> ptrs,
                      int64_t channels, int64_t parts, const at::Tensor& /*like*/) {
-    constexpr int kVec = kVecBytes / sizeof(scalar_t);
-    if (vectorizable(kVec, kVecBytes, vec_len, ptrs)) {
-      run_reduce(make(std::integral_constant<int, kVec>{}), finish, channels, parts);
-    } else {
-      run_reduce(make(std::integral_constant<int, 1>{}), finish, channels, parts);
-    }
+    with_vector_width<scalar_t, kVecBytes>(vec_len, ptrs,
+                                           [&](auto vec) { run_reduce(make(vec), finish, channels, parts); });
   }
 
  private:

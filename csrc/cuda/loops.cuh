@@ -161,24 +161,20 @@ struct CudaLoops {
 
   template <typename scalar_t, typename Make>
   static void for_each(Make&& make, int64_t vec_len, std::initializer_list<const void*> ptrs) {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    if (vectorizable(kVec, 16, vec_len, ptrs)) {
-      cuda_loops::launch_for_each(make(std::integral_constant<int, kVec>{}));
-    } else {
-      cuda_loops::launch_for_each(make(std::integral_constant<int, 1>{}));
-    }
+    with_vector_width<scalar_t, kVecBytes>(vec_len, ptrs,
+                                           [&](auto vec) { cuda_loops::launch_for_each(make(vec)); });
   }
 
   template <typename scalar_t, typename Make, typename Finish>
   static void reduce(Make&& make, const Finish& finish, int64_t vec_len, std::initializer_list<const void*> ptrs,
                      int64_t channels, int64_t parts, const at::Tensor& like) {
-    constexpr int kVec = 16 / sizeof(scalar_t);
-    if (vectorizable(kVec, 16, vec_len, ptrs)) {
-      cuda_loops::launch_reduce(make(std::integral_constant<int, kVec>{}), finish, channels, parts, like);
-    } else {
-      cuda_loops::launch_reduce(make(std::integral_constant<int, 1>{}), finish, channels, parts, like);
-    }
+    with_vector_width<scalar_t, kVecBytes>(vec_len, ptrs, [&](auto vec) {
+      cuda_loops::launch_reduce(make(vec), finish, channels, parts, like);
+    });
   }
+
+ private:
+  static constexpr int kVecBytes = 16;  // one 128-bit load or store per thread
 };
 
 }  // namespace dla_fused
