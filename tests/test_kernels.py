@@ -35,7 +35,7 @@ def _poisoned():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n_children", [1, 2, 7])
+@pytest.mark.parametrize("n_children", [1, 2, 7, 10])
 @pytest.mark.parametrize("mode", K.AGG_MODES)
 @pytest.mark.parametrize("device", DEVICES)
 def test_agg_conv(device, dtype, layout, n_children, mode):
@@ -105,7 +105,7 @@ def test_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, size, c):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("n_children", [1, 2, 7])
+@pytest.mark.parametrize("n_children", [1, 2, 7, 10])
 @pytest.mark.parametrize("residual", [None, "masked", "unmasked"])
 @pytest.mark.parametrize("device", DEVICES)
 def test_agg_backward_gemm(device, dtype, layout, n_children, residual):

@@ -20,8 +20,6 @@ from .. import backend
 from . import _bn, _checks
 from .primitives import acc_dtype, memory_format_of
 
-MAX_CHILDREN_PER_KERNEL = 8
-
 
 # ---------------------------------------------------------------------------------------------
 # Reference (the spec every backend is tested against)
@@ -198,15 +196,6 @@ def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, n
         _checks.more_than_one_value(children[0], "children[0]")
 
 
-def _merge_tail(children: List[Tensor]) -> List[Tensor]:
-    """Kernels take at most MAX_CHILDREN_PER_KERNEL children; beyond that the tail is concatenated
-    (the only case where a concat is materialised)."""
-    if len(children) <= MAX_CHILDREN_PER_KERNEL:
-        return children
-    head = MAX_CHILDREN_PER_KERNEL - 1
-    return children[:head] + [torch.cat(children[head:], dim=1)]
-
-
 def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                      running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                      num_batches_tracked: Optional[Tensor] = None, training: bool = True,
@@ -243,8 +232,6 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
               batch_stats, momentum, eps, residual)
     backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
-    if len(children) > MAX_CHILDREN_PER_KERNEL:
-        children = _merge_tail(children)
     group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.aggregation_node(
