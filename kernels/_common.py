@@ -6,14 +6,11 @@ import torch
 import triton
 import triton.language as tl
 
+from dla_fused.backend import triton_interpreted as interpreted
 from dla_fused.ops.primitives import acc_dtype, memory_format_of
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float32: tl.float32, torch.float64: tl.float64}
-
-
-def interpreted() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def autotune_enabled() -> bool:
