@@ -38,7 +38,8 @@ def time_per_call(benchmark, fn: Callable[[], object], inner: int) -> float:
         for _ in range(inner):
             fn()
         sync()
-    many()  # warm-up: compilation, autotuning, allocator
+    # the warm-up round (compilation, autotuning, allocator) is untimed; with --benchmark-disable,
+    # pedantic's one untimed call is it
     benchmark.pedantic(many, rounds=ROUNDS, warmup_rounds=1)
     stats = getattr(benchmark, "stats", None)
     if stats is None:  # --benchmark-disable: time it ourselves
