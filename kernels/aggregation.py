@@ -18,8 +18,6 @@ from dla_fused.ops.primitives import acc_dtype
 from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, num_sms, offsets, pixel_coords,
                       pixel_view, round_to, split, tile, tunable)
 
-MAX_CHILDREN = 8  # argument groups of the GEMM kernel; more children share the last group
-
 GEMM_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_K": k}, num_warps=w, num_stages=s)
                 for p, co, k, w, s in ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
                                        (64, 128, 64, 4, 3), (128, 64, 64, 8, 4))]
@@ -54,43 +52,23 @@ def _accumulate(acc, x_ptr, c_in, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, 
 @triton.jit
 def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
                  res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
-                 mean_part, m2_part, count_part, tiles_used, num_pixels, hw, c_out, c_in,
-                 x0, c0, s0n, s0c, s0p, x1, c1, s1n, s1c, s1p, x2, c2, s2n, s2c, s2p,
-                 x3, c3, s3n, s3c, s3p, x4, c4, s4n, s4c, s4p, x5, c5, s5n, s5c, s5p,
-                 x6, c6, s6n, s6c, s6p, x7, c7, s7n, s7c, s7p,
-                 NUM_CHILDREN: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 mean_part, m2_part, count_part, tiles_used, num_pixels, hw, c_out, c_in, children,
+                 HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
                  DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[p, o] = epilogue(sum over children i, channels k of W[o, off_i + k] x_i[p, k]).
-    Tile: BLOCK_P pixels (flat over N*H*W) x BLOCK_CO output channels."""
+    Tile: BLOCK_P pixels (flat over N*H*W) x BLOCK_CO output channels. One compile per number of
+    children (the tuple's length)."""
     pid_p = tl.program_id(0)
     n, p, q_ok, co, co_ok = tile(num_pixels, hw, c_out, BLOCK_P, BLOCK_CO)
     mask = q_ok[:, None] & co_ok[None, :]
     w_cols = co * sw_o
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
-    acc = _accumulate(acc, x0, c0, s0n, s0c, s0p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 1:
-        w_ptr += c0 * sw_k
-        acc = _accumulate(acc, x1, c1, s1n, s1c, s1p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 2:
-        w_ptr += c1 * sw_k
-        acc = _accumulate(acc, x2, c2, s2n, s2c, s2p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 3:
-        w_ptr += c2 * sw_k
-        acc = _accumulate(acc, x3, c3, s3n, s3c, s3p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 4:
-        w_ptr += c3 * sw_k
-        acc = _accumulate(acc, x4, c4, s4n, s4c, s4p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 5:
-        w_ptr += c4 * sw_k
-        acc = _accumulate(acc, x5, c5, s5n, s5c, s5p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 6:
-        w_ptr += c5 * sw_k
-        acc = _accumulate(acc, x6, c6, s6n, s6c, s6p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-    if NUM_CHILDREN > 7:
-        w_ptr += c6 * sw_k
-        acc = _accumulate(acc, x7, c7, s7n, s7c, s7p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+    for i in tl.static_range(len(children)):  # children: (x, channels, s_n, s_c, s_p) each
+        x, c_i, s_n, s_c, s_p = children[i]
+        acc = _accumulate(acc, x, c_i, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+        w_ptr += c_i * sw_k
 
     if STATS:  # this tile's mean and sum of squared deviations (M2) over its valid pixels
         count = tl.minimum(num_pixels - pid_p * BLOCK_P, BLOCK_P)
@@ -155,11 +133,7 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
     n, c_out, h, w = out.shape
     num_pixels = n * h * w
     dummy = out.new_empty(1, dtype=acc)  # stands for absent vectors (same dtype: same autotune key)
-    groups = []
-    for x in xs:
-        x, strides = pixel_view(x)
-        groups += [x, x.shape[1], *strides]
-    groups += groups[:5] * (MAX_CHILDREN - len(xs))
+    children = tuple((x, x.shape[1], *strides) for x, strides in map(pixel_view, xs))
     out_view, out_strides = pixel_view(out)
     res, res_strides = pixel_view(residual) if residual is not None else (out_view, out_strides)
     gate_t, gate_strides = pixel_view(gate) if gate is not None else (out_view, out_strides)
@@ -172,8 +146,8 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
     dot, precision = dot_types(xs[0].dtype, weight.dtype)
     _conv_kernel[grid((num_pixels, "BLOCK_P"), (c_out, "BLOCK_CO"))](
         out_view, *out_strides, weight, *weight.stride(), shift if shift is not None else dummy,
-        res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], *groups,
-        NUM_CHILDREN=len(xs), HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+        res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], children,
+        HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
         HAS_GATE=gate is not None, RELU=relu, STATS=stats, ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
     if out_view is not out:
         out.copy_(out_view)
@@ -190,8 +164,6 @@ def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional
              residual: Optional[torch.Tensor], relu: bool, stats: bool):
     first = children[0]
     out = empty_like_format((first.shape[0], weight.shape[0], first.shape[2], first.shape[3]), first)
-    if len(children) > MAX_CHILDREN:  # rare: the tail is concatenated into the last argument group
-        children = list(children[:MAX_CHILDREN - 1]) + [torch.cat(children[MAX_CHILDREN - 1:], dim=1)]
     mean, var = _gemm(out, children, weight, shift, residual, relu=relu, stats=stats)
     return out, mean, var
 

@@ -29,8 +29,8 @@ DTYPES = ("float32", "float16", "bfloat16", "float64")
 
 # Two shapes, since Triton specialises integer arguments on divisibility by 16: "aligned" (channels
 # and pixel counts multiples of 16, like most of DLA's) and "odd" (7x7 pixels, odd channel counts,
-# like the last stage at 224 px). Children counts: every argument-group count of the GEMM kernel,
-# and more children than groups (the tail is concatenated).
+# like the last stage at 224 px). Children counts 1-8 and 10: the GEMM kernel compiles once per
+# count.
 SHAPES = {"aligned": dict(hw=8, c_out=32, children=(32, 32, 16, 32, 16, 16, 32, 16, 32, 16),
                           counts=tuple(range(1, 9)) + (10,)),
           "odd": dict(hw=7, c_out=24, children=(24, 13, 5, 24), counts=(1, 3))}

@@ -67,7 +67,7 @@ def test_every_dla_root_shape(backend_name):
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-@pytest.mark.parametrize("n_children", [1, 2, 7, 10])  # 10: more than the Triton GEMM's 8 argument groups
+@pytest.mark.parametrize("n_children", [1, 2, 7, 10])  # 10: more than any DLA node has
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("training", [True, False])
 def test_children_residual_training(backend_name, n_children, residual, training):

@@ -157,7 +157,7 @@ def test_agg_conv_statistics_of_offset_channels(device, dtype):
     assert ((mean.double() - mean64) / mean64).abs().max() < 1e-6
 
 
-def test_agg_conv_more_children_than_argument_groups(device):
+def test_agg_conv_ten_children(device):
     children = [activation((N, 3, H, W), torch.float32, device, "cl" if i % 2 else "nchw") for i in range(10)]
     weight = torch.randn(20, 30, device=device)
     check("agg_conv", [children, weight, None, None, False, True])
