@@ -1,7 +1,7 @@
 """The Triton kernels compile for Hopper (sm_90) on any machine: python -m dla_fused.kernels.compile_check
 lowers the kernel variants the fused ops launch (every dtype, layout and children count, aligned and
-odd sizes) to a cubin with Triton's own ptxas and checks their shared memory, without a GPU. Each run is a subprocess without TRITON_INTERPRET (the interpreter
-would replace the kernels)."""
+odd sizes) to a cubin with Triton's own ptxas and checks their shared memory, without a GPU. Each
+run is a subprocess without TRITON_INTERPRET (the interpreter would replace the kernels)."""
 import os
 import re
 import subprocess
