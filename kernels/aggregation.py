@@ -193,9 +193,9 @@ def _apply_kernel(z_ptr, sz_n, sz_c, sz_p, scale_ptr, shift_ptr, res_ptr, sr_n, 
 def _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, dtype: tl.constexpr,
                  HAS_OUT: tl.constexpr):
     """g = grad_out * (out > 0) (grad_out when there is no out), in `dtype`."""
-    g = tl.load(go_ptr + (n * sg_n + p * sg_p)[:, None] + (c * sg_c)[None, :], mask=mask, other=0.0).to(dtype)
+    g = tl.load(go_ptr + offsets(n, p, c, sg_n, sg_c, sg_p), mask=mask, other=0.0).to(dtype)
     if HAS_OUT:
-        out = tl.load(out_ptr + (n * so_n + p * so_p)[:, None] + (c * so_c)[None, :], mask=mask, other=0.0)
+        out = tl.load(out_ptr + offsets(n, p, c, so_n, so_c, so_p), mask=mask, other=0.0)
         g = tl.where(out > 0, g, 0.0)
     return g
 
@@ -220,7 +220,7 @@ def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p
         mask = (q < end)[:, None] & c_ok[None, :]
         n, p = pixel_coords(q, hw)
         g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, mean.dtype, HAS_OUT)
-        z = tl.load(z_ptr + (n * sz_n + p * sz_p)[:, None] + (c * sz_c)[None, :], mask=mask, other=0.0)
+        z = tl.load(z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p), mask=mask, other=0.0)
         z = z.to(mean.dtype)
         sum_g += g
         sum_gz += g * (z - mean[None, :])
@@ -324,8 +324,7 @@ def _weight_grad_kernel(part_ptr, sp_s, sp_o, dz_ptr, sd_n, sd_c, sd_p, x_ptr, s
         n, p = pixel_coords(q, hw)
         d = tl.load(dz_ptr + (co * sd_c)[:, None] + (n * sd_n + p * sd_p)[None, :],
                     mask=co_ok[:, None] & q_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + (n * sx_n + p * sx_p)[:, None] + (ci * sx_c)[None, :],
-                    mask=q_ok[:, None] & ci_ok[None, :], other=0.0)
+        x = tl.load(x_ptr + offsets(n, p, ci, sx_n, sx_c, sx_p), mask=q_ok[:, None] & ci_ok[None, :], other=0.0)
         acc += tl.dot(d.to(DOT), x.to(DOT), input_precision=PRECISION)
     tl.store(part_ptr + split_id * sp_s + co[:, None] * sp_o + ci[None, :], acc,
              mask=co_ok[:, None] & ci_ok[None, :])

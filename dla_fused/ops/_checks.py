@@ -18,6 +18,12 @@ def tensor(name: str, t, dims: Optional[int] = None) -> None:
         raise TypeError(f"{name} must be a floating-point tensor, got {t.dtype}")
 
 
+def factor(value) -> None:
+    """An IDA-Up upsampling factor."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"factor must be an integer >= 1, got {value!r}")
+
+
 def activation(name: str, t) -> None:
     tensor(name, t, dims=4)
     if t.dtype not in FLOAT_DTYPES:

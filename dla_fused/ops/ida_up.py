@@ -213,8 +213,7 @@ def _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num
         _checks.batch_norm_args(running_mean, running_var, num_batches_tracked, momentum, eps, channels, x)
         if batch_stats:
             _checks.more_than_one_value(x, "x")
-    if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-        raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+    _checks.factor(factor)
     size = (x.shape[2], x.shape[3])
     if up_weight is None:
         if factor != 1:
@@ -300,8 +299,7 @@ class IDAUpStep(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, factor: int, skip: bool = False,
                  process_group=None):
         super().__init__()
-        if isinstance(factor, bool) or not isinstance(factor, int) or factor < 1:
-            raise ValueError(f"factor must be an integer >= 1, got {factor!r}")
+        _checks.factor(factor)
         from ..models.dla_up import fill_up_weights
         if in_channels == out_channels:
             self.proj = nn.Identity()
