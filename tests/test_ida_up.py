@@ -185,6 +185,33 @@ def test_full_resolution_output_is_not_saved():
     assert not any(t.shape == out.shape for t in saved)
 
 
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+def test_identity_step_returns_its_input(backend_name):
+    """No projection and no upsampling: x itself (no copy), or one x + skip, as the reference; in
+    dla34up 4 of the 14 fused steps are such, and pass their input through untouched."""
+    import dla_fused
+    use_backend(backend_name)
+    x, skip = torch.randn(2, 4, 5, 3, requires_grad=True), torch.randn(2, 4, 5, 3, requires_grad=True)
+    assert ida_up(x) is x
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ida_up(x) is x
+    out = ida_up(x, skip=skip)
+    assert torch.equal(out, x + skip)
+    grad = torch.randn_like(out)
+    gx, gs = torch.autograd.grad(out, (x, skip), grad)
+    assert torch.equal(gx, grad) and torch.equal(gs, grad)
+    from dla_fused.fuse import fused_steps
+    model = dla_fused.create_model("dla34up").train()
+    steps = [step for m in model.modules() for step in fused_steps(m)]
+    identities = [s for s in steps if isinstance(s.proj, torch.nn.Identity) and isinstance(s.up, torch.nn.Identity)]
+    passed = []
+    for step in identities:
+        step.register_forward_hook(lambda m, args, out: passed.append(out is args[0]))
+    with torch.no_grad():
+        model(torch.randn(1, 3, 64, 64))
+    assert len(steps) == 14 and len(identities) == 4 and passed == [True] * 4
+
+
 # --------------------------------------------------------------------------------------------- bad input
 BAD_INPUTS = {
     "skip shape": (dict(skip=torch.randn(2, 5, 14, 11)), ValueError, "skip must have the upsampled shape"),

@@ -260,15 +260,20 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
         process_group: combine projection statistics over this group (like SyncBatchNorm).
 
     Returns (N, C, H, W) in x's dtype (under torch.autocast, float32 inputs are cast to the autocast
-    dtype). Saved for backward: x, the weights (BatchNorm's too) and two per-channel statistics
-    vectors; neither the coarse projection nor the full-resolution output is kept.
+    dtype). Without projection and upsampling the step is the identity: it returns x itself (or
+    x + skip), uncast, as the reference does. Saved for backward: x, the weights (BatchNorm's
+    too) and two per-channel statistics vectors; neither the coarse projection nor the
+    full-resolution output is kept.
     """
-    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+    identity = proj_weight is None and up_weight is None
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type) and not identity:
         x, proj_weight, up_weight, skip = (_checks.autocast(t) for t in (x, proj_weight, up_weight, skip))
     batch_stats = training or running_mean is None
     _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, batch_stats,
               momentum, eps, up_weight, factor, skip)
     backend.resolve(x.device)  # raises if the selected backend cannot serve this device
+    if identity:  # as the reference: x itself, no copy, no cast
+        return x if skip is None else x + skip
     # like nn.SyncBatchNorm: synchronise in training only
     group = process_group if proj_weight is not None and training else None
     if torch.compiler.is_compiling() and group is None:
