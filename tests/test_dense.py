@@ -1,4 +1,4 @@
-"""Dense prediction: DLA-Up (DESIGN.md section 4) and the CenterNet-style network."""
+"""Dense prediction: DLA-Up and the CenterNet-style network (docs/design.md, section 9)."""
 import functools
 
 import pytest
@@ -43,7 +43,7 @@ def test_dla_up_parameter_counts(name):
 
 
 def test_dla_up_structure():
-    """ida_i follows DESIGN section 4: out channels[-i-2], inputs re-projected to the previous step's width."""
+    """ida_i (docs/design.md, section 9): out channels[-i-2], inputs re-projected to the previous step's width."""
     model = dla34up()
     ida = model.dla_up.ida_3
     assert ida.channels == [32, 64, 64, 64, 64] and ida.out_dim == 32

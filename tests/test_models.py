@@ -1,4 +1,4 @@
-"""DLA classifiers: structure and parameter counts (DESIGN.md section 3), equivalence with timm,
+"""DLA classifiers: structure and parameter counts (docs/design.md, section 8), equivalence with timm,
 checkpoint loading and its errors, bad input."""
 import functools
 
@@ -10,7 +10,7 @@ from dla_fused.checkpoint import CheckpointError, load_checkpoint
 from dla_fused.models import (CONFIGS, BottleneckX, Root, create_model, list_models,
                               parameter_table, unused_projects)
 
-# name: (params of the original release, params in timm's layout), DESIGN.md section 3
+# name: (params of the original release, params in timm's layout), docs/design.md, section 8
 PARAMS = {
     "dla34": (15_783_832, 15_742_104), "dla46_c": (1_309_848, 1_301_400),
     "dla46x_c": (1_076_888, 1_068_440), "dla60x_c": (1_336_728, 1_319_832),

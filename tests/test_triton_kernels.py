@@ -6,7 +6,7 @@ memory with NaN: an output element a kernel forgets to write fails the compariso
 
 Tolerances, against the primitive run in float64 on the same inputs and relative to the largest
 reference magnitude: float32 1e-5, float64 1e-10 (TF32 is switched off for the reference's own
-convolutions and matmuls). float16/bfloat16 follow DESIGN.md's rule: the error against the float64
+convolutions and matmuls). float16/bfloat16 (docs/design.md, section 12): the error against the float64
 reference is at most 2x the error of the same-dtype PyTorch path, plus 2 ulp of the output dtype at
 the largest reference magnitude.
 """

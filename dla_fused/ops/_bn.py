@@ -1,4 +1,4 @@
-"""The 1x1-projection + BatchNorm part that both fused ops share (DESIGN.md section 5).
+"""The 1x1-projection + BatchNorm part that both fused ops share (docs/design.md, section 3).
 
 `P` is a backend's primitives namespace (dla_fused.backend). Optional `group` is a
 torch.distributed process group: statistics and backward sums are combined across it, like
