@@ -5,6 +5,7 @@ import os
 import socket
 import subprocess
 import sys
+import warnings
 
 import pytest
 import torch
@@ -22,13 +23,44 @@ def _losses(log_path):
         return [row["loss"] for row in map(json.loads, f) if row["kind"] == "step"]
 
 
-def test_fused_and_reference_training_give_the_same_losses(tmp_path):
+def _float64_run(cfg):
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        train(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    return torch.load(os.path.join(cfg.out, "last.pt"), weights_only=True)["model"], _losses(
+        os.path.join(cfg.out, "log.jsonl"))
+
+
+def test_fused_training_equals_reference_in_float64(tmp_path):
+    """4 float64 steps from the same weights and data end with the same parameters, running
+    statistics and losses (relative 1e-9). The head starts at zero, so step 1 trains only the head
+    (from the backbone's forward), step 2 sends gradients through every fused node and step 3's
+    loss depends on them: a wrong forward, backward or running-statistics update in the fused
+    ops shows here, while float64 keeps the chaotic growth of rounding differences far below it."""
+    common = dict(SMALL, epochs=1, steps_per_epoch=4)
+    fused, fused_losses = _float64_run(TrainConfig(**common, fused=True, out=str(tmp_path / "fused")))
+    ref, ref_losses = _float64_run(TrainConfig(**common, fused=False, out=str(tmp_path / "reference")))
+    assert fused["level5.root.conv.weight"].dtype == torch.float64
+    assert len(ref_losses) == 4 and len(set(ref_losses)) == 4
+    torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(ref_losses), rtol=1e-9, atol=0)
+    for k in ref:
+        if ref[k].is_floating_point():
+            scale = ref[k].abs().max().item() or 1.0
+            assert (fused[k] - ref[k]).abs().max().item() <= 1e-9 * scale, k
+        else:
+            assert torch.equal(fused[k], ref[k]), k
+
+
+def test_fused_float32_training_stays_within_reference_noise(tmp_path):
     """20 float32 steps from the same weights and data. Training a deep BatchNorm network is
     chaotic: a difference in the last bit grows ~20x per step, so two correct float32 evaluation
     orders of the *reference* (NCHW vs channels_last) drift apart by percents within 20 steps.
-    Stated tolerance: the first two losses agree to 1e-5, and over the 20 steps the fused run stays
-    as close to the reference as the reference's own channels_last run does (mean relative
-    difference at most 3x)."""
+    Stated tolerance: over the 20 steps the fused run stays as close to the reference as the
+    reference's own channels_last run does (mean relative difference at most 3x). Exactness is
+    the float64 test's job."""
     runs = {}
     for name, kwargs in (("reference", dict(fused=False)), ("reference_cl", dict(fused=False, channels_last=True)),
                          ("fused", dict(fused=True))):
@@ -40,7 +72,6 @@ def test_fused_and_reference_training_give_the_same_losses(tmp_path):
     fused_diff = (runs["fused"] - ref).abs() / ref
     noise = (runs["reference_cl"] - ref).abs() / ref
     assert len(ref) == 20 and torch.isfinite(runs["fused"]).all()
-    assert fused_diff[:2].max() <= 1e-5, fused_diff
     assert fused_diff.mean() <= 3 * noise.mean() + 1e-4, (fused_diff, noise)
 
 
@@ -122,12 +153,16 @@ def _ddp_worker(rank, world, port, out, kwargs):
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
     torch.set_default_dtype(torch.float64)
-    train(TrainConfig(**kwargs, out=out))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(TrainConfig(**kwargs, out=out))
+    deprecated = [str(w.message) for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not deprecated, f"rank {rank} used deprecated APIs: {deprecated}"
 
 
 def test_ddp_sync_bn_matches_one_process_on_the_full_batch(tmp_path):
     """2 gloo processes with half the batch each and --sync-bn end with the parameters one
-    process reaches on the full batch. Run in float64 (default dtype): in float32, tiny
+    process reaches on the full batch, without deprecation warnings. Run in float64 (default dtype): in float32, tiny
     BatchNorm batches make even the thread count change the parameters by 1e-3 after 3 steps."""
     common = dict(SMALL, epochs=1, steps_per_epoch=3, model="dla46_c")
     previous = torch.get_default_dtype()
