@@ -12,6 +12,24 @@ import torch.nn as nn
 from torch import Tensor
 
 
+class _AllGather(torch.autograd.Function):
+    """Stack of every rank's `local` (world, *local.shape); backward returns this rank's slice of
+    the gradient summed over all ranks (each rank's loss depends on every rank's contribution)."""
+
+    @staticmethod
+    def forward(ctx, local: Tensor, group) -> Tensor:
+        ctx.group = group
+        gathered = [torch.empty_like(local) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(gathered, local.contiguous(), group=group)
+        return torch.stack(gathered)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        grad = grad.contiguous()
+        dist.all_reduce(grad, group=ctx.group)
+        return grad[dist.get_rank(ctx.group)], None
+
+
 class CrossProcessBatchNorm2d(nn.BatchNorm2d):
     """BatchNorm2d with statistics over all ranks of `process_group` (default: the world) in
     training. Same parameters and buffers as nn.BatchNorm2d. Each rank contributes (count, mean,
@@ -30,12 +48,11 @@ class CrossProcessBatchNorm2d(nn.BatchNorm2d):
             return super().forward(x)
         if x.dim() != 4 or x.shape[1] != self.num_features:
             raise ValueError(f"expected an input of shape (N, {self.num_features}, H, W), got {tuple(x.shape)}")
-        from torch.distributed.nn.functional import all_gather
         acc = torch.float64 if x.dtype == torch.float64 else torch.float32
         xa = x.to(acc)
         count = x.new_full((1,), x.shape[0] * x.shape[2] * x.shape[3], dtype=acc)
         local = torch.cat([xa.mean((0, 2, 3)), xa.var((0, 2, 3), unbiased=False), count])
-        stacked = torch.stack(all_gather(local, group=self.process_group))
+        stacked = _AllGather.apply(local, self.process_group)
         c = self.num_features
         means, variances, counts = stacked[:, :c], stacked[:, c:2 * c], stacked[:, 2 * c:]
         total = counts.sum()

@@ -9,6 +9,7 @@ and last.pt (a checkpoint after every epoch and on Ctrl-C; --resume continues ex
 """
 import argparse
 import copy
+import inspect
 import json
 import math
 import os
@@ -382,6 +383,16 @@ def write_plot(log_path: str, plot_path: str, title: str = "") -> bool:
 
 
 # --------------------------------------------------------------------------------------------- loop
+
+def _rank_local_buffers() -> dict:
+    """DistributedDataParallel keyword that stops it copying rank 0's buffers (BatchNorm running
+    statistics) to every rank before each forward: `forward_sync_buffers=False` from torch 2.14 on,
+    where `broadcast_buffers` is deprecated, else `broadcast_buffers=False`. The new keyword also
+    copies them once at the start, which changes nothing here: every rank starts from the same
+    weights and buffers (same seed, or the same checkpoint)."""
+    params = inspect.signature(torch.nn.parallel.DistributedDataParallel.__init__).parameters
+    return {"forward_sync_buffers": False} if "forward_sync_buffers" in params else {"broadcast_buffers": False}
+
 def train(cfg: TrainConfig) -> dict:
     """Train as configured; returns a summary (images/s, peak memory, last loss and metric)."""
     _validate(cfg)
@@ -435,7 +446,7 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
     net = model
     if env.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None, broadcast_buffers=False)
+            model, device_ids=[device.index] if device.type == "cuda" else None, **_rank_local_buffers())
     if cfg.compile:
         net = torch.compile(net)
     amp_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
