@@ -4,29 +4,40 @@ Backends (each provides the primitives of dla_fused/ops/primitives.py under the 
   cpu        C++ kernels in csrc/cpu (CPU tensors)
   cuda       C++/CUDA kernels in csrc/cuda (CUDA tensors)
   triton     Triton kernels in kernels/ (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
-  reference  the plain-PyTorch primitives (any device; slow, for checking)
-  auto       per device, the fastest one available (the default)
+  reference  the plain-PyTorch primitives (any device; the spec, not tuned for speed)
+  tune       measure: the first call of an op with a new shape key times one forward (+ backward
+             when gradients are wanted) through every usable backend on that device, runs the
+             fastest and keeps that choice for the key (`backend_info()` lists choices and times)
+  auto       the default: `tune` on CUDA devices (among triton, cuda and reference); on CPU the
+             C++ kernels (`cpu`), else `reference` (interpreted Triton is for tests, never picked)
 
 Choose with `set_backend(name)` or the environment variable DLA_FUSED_BACKEND; see what was built
-and what is selected, and why, with `backend_info()`.
+and what is selected, and why, with `backend_info()`. A call's forward and backward run on the
+same backend.
 """
 import importlib
 import os
+import statistics
+import time
 import types
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-NAMES = ("auto", "triton", "cuda", "cpu", "reference")
-# Preference of `auto` on CUDA devices, fastest first (benchmarks/RESULTS.md).
-AUTO_ORDER_CUDA = ("triton", "cuda", "reference")
+NAMES = ("auto", "tune", "triton", "cuda", "cpu", "reference")
+KERNELS = NAMES[2:]
+# `auto` on CPU: the first usable of these (the C++ kernels are written for the job; the reference
+# primitives are the plain-PyTorch spec). On CUDA `auto` measures instead (`tune`).
 AUTO_ORDER_CPU = ("cpu", "reference")
+TUNE_REPEATS = 3
 PRIMITIVES = ("agg_conv", "agg_apply_", "agg_backward_reduce", "agg_backward_dz_",
               "agg_backward_gemm", "ida_upsample", "ida_upsample_backward")
 
 _requested: Optional[str] = None
 _loaded: Dict[str, object] = {}
 _load_errors: Dict[str, str] = {}
+# tuned choices: (device type, device index, op, *shape key) -> (backend, {backend: seconds})
+_tuned: Dict[tuple, Tuple[str, Dict[str, float]]] = {}
 
 
 class BackendError(RuntimeError):
@@ -127,25 +138,77 @@ def _load(name: str):
     return _loaded[name]
 
 
+def _tunes(requested: str, device: torch.device) -> bool:
+    return requested == "tune" or (requested == "auto" and device.type == "cuda")
+
+
 def resolve(device: torch.device) -> str:
-    """The backend that will run on `device` under the current selection; raises BackendError
-    when an explicitly requested backend cannot."""
+    """The backend that will run on `device` under the current selection ('tune' where it is
+    measured per call); raises BackendError when an explicitly requested backend cannot."""
     requested = get_backend()
+    if _tunes(requested, device):
+        return "tune"
     if requested != "auto":
         reasons = not_supported_reasons(requested, device.type)
         if reasons:
             raise BackendError(f"backend {requested!r} cannot run on {device.type}: " + "; ".join(reasons))
         return requested
-    order = AUTO_ORDER_CUDA if device.type == "cuda" else AUTO_ORDER_CPU
-    for name in order:
+    for name in AUTO_ORDER_CPU:
         if not not_supported_reasons(name, device.type):
             return name
     return "reference"
 
 
-def primitives_for(device: torch.device):
-    """The primitives namespace of the backend that runs on `device`."""
-    return _load(resolve(device))
+def _tune_candidates(requested: str, device: torch.device) -> List[str]:
+    names = [n for n in KERNELS if not not_supported_reasons(n, device.type)]
+    if requested == "auto":  # interpreted Triton is a test tool, not a speed option
+        names = [n for n in names if not (n == "triton" and device.type == "cpu")]
+    return names
+
+
+def _seconds(fn: Callable[[], None], device: torch.device) -> float:
+    """Median wall time of fn over TUNE_REPEATS runs, after one untimed run (compilation, caches)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda *a: None)
+    fn()
+    times = []
+    for _ in range(TUNE_REPEATS):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _tuned_key(device: torch.device, key: tuple) -> tuple:
+    return (device.type, device.index) + tuple(key)
+
+
+def primitives_for(device: torch.device, key: tuple = (), trial: Optional[Callable[[object], None]] = None):
+    """The primitives namespace that runs on `device`. Under tuning, `key` names the op and shape
+    and `trial(P)` runs one forward (+ backward) with primitives P: the first call per key times it
+    on every candidate backend and keeps the fastest; later calls (and the backward of the same
+    key) reuse that choice. Without `trial` an unseen key falls back to the first usable backend."""
+    name = resolve(device)
+    if name != "tune":
+        return _load(name)
+    full_key = _tuned_key(device, key)
+    if full_key not in _tuned:
+        candidates = _tune_candidates(get_backend(), device)
+        if trial is None:
+            return _load(candidates[0] if candidates else "reference")
+        times = {n: _seconds(lambda: trial(_load(n)), device) for n in candidates}
+        _tuned[full_key] = (min(times, key=times.get), times)
+    return _load(_tuned[full_key][0])
+
+
+def tuned_choices() -> Dict[tuple, Tuple[str, Dict[str, float]]]:
+    """What tuning chose so far: {(device type, index, op, *shape key): (backend, seconds by backend)}."""
+    return dict(_tuned)
+
+
+def clear_tuned() -> None:
+    _tuned.clear()
 
 
 def backend_info(print_it: bool = True) -> str:
@@ -165,18 +228,27 @@ def backend_info(print_it: bool = True) -> str:
         if device_type == "cuda" and not torch.cuda.is_available():
             lines.append("cuda: no CUDA device is available")
             continue
-        usable = [n for n in NAMES[1:] if not not_supported_reasons(n, device_type)]
+        usable = [n for n in KERNELS if not not_supported_reasons(n, device_type)]
         lines.append(f"{device_type}: usable {', '.join(usable) or 'none'}")
-        for n in NAMES[1:]:
+        for n in KERNELS:
             for reason in not_supported_reasons(n, device_type):
                 lines.append(f"  {n}: {reason}")
+        device = torch.device(device_type)
         try:
-            chosen = resolve(torch.device(device_type))
-            why = "requested" if get_backend() != "auto" else "first usable of auto's order " + "/".join(
-                AUTO_ORDER_CUDA if device_type == "cuda" else AUTO_ORDER_CPU)
-            lines.append(f"  selected for {device_type}: {chosen} ({why})")
+            chosen = resolve(device)
         except BackendError as err:
             lines.append(f"  selected for {device_type}: none ({err})")
+            continue
+        if chosen == "tune":
+            among = ", ".join(_tune_candidates(get_backend(), device))
+            lines.append(f"  selected for {device_type}: measured per op and shape on first call, among {among}")
+        else:
+            why = "requested" if get_backend() != "auto" else "first usable of auto's CPU order " + "/".join(
+                AUTO_ORDER_CPU)
+            lines.append(f"  selected for {device_type}: {chosen} ({why})")
+    for key, (winner, times) in _tuned.items():
+        measured = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
+        lines.append(f"tuned {key[0]}:{key[2]} {key[3:]}: {winner} ({measured})")
     text = "\n".join(lines)
     if print_it:
         print(text)

@@ -67,6 +67,24 @@ def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bi
     return out, mean.clone(), var.clone(), _bn.pixel_count(children[0])
 
 
+def _primitives(children: List[Tensor], weight: Tensor, batch_stats: bool, residual: bool, trial=None):
+    """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
+    batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
+    x = children[0]
+    key = ("aggregation_node", tuple(tuple(c.shape) for c in children), x.dtype, memory_format_of(x),
+           batch_stats, residual)
+    return backend.primitives_for(x.device, key, trial)
+
+
+def _trial(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual):
+    def run(P):
+        out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                     batch_stats, eps, residual)
+        if batch_stats:  # out stands in for the incoming gradient
+            _bn.backward(P, out, out, children, weight.flatten(1), bn_weight, mean, var, eps, True, residual)
+    return run
+
+
 @torch.library.custom_op("dla_fused::aggregation_node", mutates_args=())
 def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
@@ -74,8 +92,9 @@ def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tens
                          ) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the statistics used (the batch's when batch_stats, else copies of
     the running ones). Running statistics are not touched here: the caller updates them once."""
-    P = backend.primitives_for(children[0].device)
     with _bn.no_autocast(children[0]):
+        P = _primitives(children, weight, batch_stats, residual, _trial(
+            children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual))
         out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
                                      batch_stats, eps, residual)
     return out, mean, var
@@ -95,7 +114,7 @@ def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[
                                   bn_weight: Tensor, mean: Tensor, var: Tensor, batch_stats: bool,
                                   eps: float, residual: bool, bn_grads: bool
                                   ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
-    P = backend.primitives_for(out.device)
+    P = _primitives(children, weight, batch_stats, residual)  # the forward's choice, by key
     grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
     with _bn.no_autocast(out):
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
@@ -140,21 +159,22 @@ class _AggregationNodeFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, count_box, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
                 residual, *children):
-        P = backend.primitives_for(children[0].device)
+        children = list(children)
         with _bn.no_autocast(children[0]):
-            out, mean, var, count = _forward(P, list(children), weight, bn_weight, bn_bias, running_mean,
+            P = _primitives(children, weight, batch_stats, residual, _trial(
+                children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual))
+            out, mean, var, count = _forward(P, children, weight, bn_weight, bn_bias, running_mean,
                                              running_var, batch_stats, eps, residual, group)
         count_box.append(count)
         ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
-        ctx.args = (group, batch_stats, eps, residual, count)
+        ctx.args = (P, group, batch_stats, eps, residual, count)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
-        group, batch_stats, eps, residual, count = ctx.args
-        P = backend.primitives_for(out.device)
+        P, group, batch_stats, eps, residual, count = ctx.args
         grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
         bn_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         with _bn.no_autocast(out):

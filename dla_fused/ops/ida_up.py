@@ -87,13 +87,32 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
         return grads[0], grad_w.view_as(proj_weight), grad_g, grad_b, grad_up if up_weight is not None else None
 
 
+def _primitives(x, proj_weight, batch_stats, up_weight, factor, trial=None):
+    """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
+    batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
+    key = ("ida_up", tuple(x.shape), x.dtype, memory_format_of(x),
+           None if proj_weight is None else proj_weight.shape[0], up_weight is not None, factor, batch_stats)
+    return backend.primitives_for(x.device, key, trial)
+
+
+def _trial(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor,
+           skip):
+    def run(P):
+        out, mean, var, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
+                                     batch_stats, eps, up_weight, factor, skip)
+        if batch_stats:  # out stands in for the incoming gradient
+            _backward(P, out, x, proj_weight, bn_weight, bn_bias, mean, var, True, eps, up_weight, factor)
+    return run
+
+
 @torch.library.custom_op("dla_fused::ida_up", mutates_args=())
 def _ida_up_op(x: Tensor, proj_weight: Optional[Tensor], bn_weight: Optional[Tensor],
                bn_bias: Optional[Tensor], running_mean: Optional[Tensor], running_var: Optional[Tensor],
                batch_stats: bool, eps: float, up_weight: Optional[Tensor], factor: int,
                skip: Optional[Tensor]) -> Tuple[Tensor, Tensor, Tensor]:
     """Returns (out, mean, var): the projection's statistics (empty without projection)."""
-    P = backend.primitives_for(x.device)
+    P = _primitives(x, proj_weight, batch_stats, up_weight, factor, _trial(
+        x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor, skip))
     out, mean, var, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
                                  batch_stats, eps, up_weight, factor, skip)
     return out, mean, var
@@ -119,7 +138,7 @@ def _ida_up_backward_op(grad_out: Tensor, x: Tensor, proj_weight: Optional[Tenso
                         bn_grads: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Returns (grad x, grad proj weight, grad gamma, grad beta, grad up weight), absent ones
     as empty tensors."""
-    P = backend.primitives_for(x.device)
+    P = _primitives(x, proj_weight, batch_stats, up_weight, factor)  # the forward's choice, by key
     grads = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_stats, eps,
                       up_weight, factor, bn_grads=bn_grads)
     like = (x, proj_weight, bn_weight, bn_weight, up_weight)
@@ -168,20 +187,21 @@ class _IDAUpFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, group, count_box, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
                 eps, up_weight, factor, skip):
-        P = backend.primitives_for(x.device)
+        P = _primitives(x, proj_weight, batch_stats, up_weight, factor, _trial(
+            x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor,
+            skip))
         out, mean, var, count = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
                                          batch_stats, eps, up_weight, factor, skip, group)
         count_box.append(count)
         ctx.save_for_backward(x, proj_weight, bn_weight, bn_bias, up_weight, mean, var)
-        ctx.args = (group, batch_stats, eps, factor, count, skip is not None)
+        ctx.args = (P, group, batch_stats, eps, factor, count, skip is not None)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         x, proj_weight, bn_weight, bn_bias, up_weight, mean, var = ctx.saved_tensors
-        group, batch_stats, eps, factor, count, has_skip = ctx.args
-        P = backend.primitives_for(x.device)
+        P, group, batch_stats, eps, factor, count, has_skip = ctx.args
         bn_grads = proj_weight is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
         grad_x, grad_w, grad_g, grad_b, grad_up = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean,
                                                             var, batch_stats, eps, up_weight, factor, group, count,
