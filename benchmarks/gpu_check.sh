@@ -41,7 +41,7 @@ if [[ " $SKIP " != *" tests "* ]]; then
   workers=()
   if $PY -c "import xdist" 2>/dev/null; then workers=(-n "${GPU_CHECK_WORKERS:-4}"); fi
   DLA_FUSED_TRITON_AUTOTUNE=0 timeout -s INT -k 30 "${GPU_CHECK_TEST_S:-240}" \
-    $PY -m pytest tests/test_cuda.py tests/test_kernels.py tests/test_triton_kernels.py ${workers[@]+"${workers[@]}"} \
+    $PY -m pytest tests/test_low_precision.py tests/test_kernels.py tests/test_triton_kernels.py ${workers[@]+"${workers[@]}"} \
     -q -p no:cacheprovider --junitxml="$OUT/tests.xml" > "$OUT/tests.log" 2>&1
   rc=$?
   tail -15 "$OUT/tests.log"

@@ -5,7 +5,7 @@ import torch
 
 from dla_fused import backend
 
-# Backends that must work on this (CPU) machine; the CUDA ones are tested in test_cuda.py.
+# Backends that must work on this (CPU) machine; test_low_precision.py also runs the CUDA ones.
 CPU_BACKENDS = ("reference", "cpu", "triton")
 
 # Tolerance rule (flash-attention's): the fused result's error against a float64 reference may be
