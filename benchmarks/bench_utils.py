@@ -1,21 +1,30 @@
-"""Shared pieces of the benchmark suites: device and sizes, timing, memory, the result registry."""
+"""Shared pieces of the benchmark suites: device and sizes, interleaved timing, memory, the result
+registry.
+
+Every benchmark test times all providers of one case, in both memory layouts, in ROUNDS interleaved
+rounds (each round runs every provider once, the order rotated by one place per round); peak
+memory likewise in MEMORY_ROUNDS rounds. The summary (bench_summary.py) pairs the figures round by
+round: ratios against eager in the same layout, median [q1–q3], met / MISSED / inconclusive.
+"""
 import ctypes
 import os
 import platform
 import time
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
-# Sizes by device: the GPU targets are stated at batch 64 (ops) / 128 (models), 224 px, bf16,
-# channels_last; the CPU run is kept small enough to finish in minutes on 2 cores.
+# Sizes by device: the GPU targets are stated at batch 64 (ops) / 128 (models), 224 px, bf16; the
+# CPU run is kept small enough to finish in minutes on 2 cores.
 OP_BATCH, OP_IMAGE = (64, 224) if GPU else (8, 128)
 MODEL_BATCH, MODEL_IMAGE = (128, 224) if GPU else (8, 128)
 DTYPE = torch.bfloat16 if GPU else torch.float32
-LAYOUT = torch.channels_last if GPU else torch.contiguous_format
-ROUNDS = 20 if GPU else 5
+LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
+# At least 5 rounds, for the interquartile range to mean something.
+ROUNDS = 20 if GPU else 7
+MEMORY_ROUNDS = 3 if GPU else 5  # CUDA's allocator statistics repeat exactly; the CPU's RSS does not
 
 RESULTS: List[Dict] = []
 
@@ -26,27 +35,53 @@ def fused_backends() -> List[str]:
     return [n for n in names if not backend.not_supported_reasons(n, DEVICE.type)]
 
 
+def select_backend(provider: str) -> None:
+    """Make the dla_fused backend of a provider current: 'fused:NAME' or 'fused:NAME+compiled'
+    run NAME, anything else 'auto' (the reference ops ignore it)."""
+    from dla_fused import backend
+    backend.set_backend(provider.split(":")[1].split("+")[0] if provider.startswith("fused:") else "auto")
+
+
 def sync() -> None:
     if GPU:
         torch.cuda.synchronize()
 
 
-def time_per_call(benchmark, fn: Callable[[], object], inner: int) -> float:
-    """Median seconds of one call of fn, timed by pytest-benchmark over `inner` calls per round
-    (the device is synchronised once per round, so launches overlap as in training)."""
-    def many():
-        for _ in range(inner):
-            fn()
-        sync()
-    # the warm-up round (compilation, autotuning, allocator) is untimed; with --benchmark-disable,
-    # pedantic's one untimed call is it
-    benchmark.pedantic(many, rounds=ROUNDS, warmup_rounds=1)
-    stats = getattr(benchmark, "stats", None)
-    if stats is None:  # --benchmark-disable: time it ourselves
-        start = time.perf_counter()
-        many()
-        return (time.perf_counter() - start) / inner
-    return stats.stats.median / inner
+def _rotated(keys: List, k: int) -> List:
+    k %= len(keys)
+    return keys[k:] + keys[:k]
+
+
+Fns = Dict[Tuple[str, str], Callable[[], object]]  # (layout, provider) -> one call
+
+
+def interleaved(benchmark, fns: Fns, inner: int) -> Dict[Tuple[str, str], List[float]]:
+    """Seconds per call of each fn, one figure per round, ROUNDS rounds. A round times `inner`
+    calls of every fn in turn (its provider's backend selected first, untimed; the device
+    synchronised before and after, so launches overlap as in training). pytest-benchmark times whole
+    rounds (benchmark.pedantic); with --benchmark-disable it runs one and the rest run here, so
+    the figures are the same either way. One untimed call of each fn first (compilation,
+    autotuning, allocator)."""
+    keys = list(fns)
+    times = {k: [] for k in keys}
+
+    def one_round():
+        for key in _rotated(keys, len(times[keys[0]])):
+            select_backend(key[1])
+            sync()
+            start = time.perf_counter()
+            for _ in range(inner):
+                fns[key]()
+            sync()
+            times[key].append((time.perf_counter() - start) / inner)
+    for key in keys:
+        select_backend(key[1])
+        fns[key]()
+    sync()
+    benchmark.pedantic(one_round, rounds=ROUNDS)
+    while len(times[keys[0]]) < ROUNDS:
+        one_round()
+    return times
 
 
 _libc = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
@@ -81,6 +116,20 @@ def peak_memory(fn: Callable[[], object]) -> Optional[int]:
     return _proc_status("VmHWM:") - base
 
 
+def interleaved_memory(fns: Fns) -> Optional[Dict[Tuple[str, str], List[int]]]:
+    """peak_memory of each fn, MEMORY_ROUNDS times, in rotated order as interleaved() does."""
+    keys = list(fns)
+    peaks = {k: [] for k in keys}
+    for r in range(MEMORY_ROUNDS):
+        for key in _rotated(keys, r):
+            select_backend(key[1])
+            peak = peak_memory(fns[key])
+            if peak is None:
+                return None
+            peaks[key].append(peak)
+    return peaks
+
+
 _COPY_BANDWIDTH: Optional[float] = None
 
 
@@ -105,10 +154,13 @@ def copy_bandwidth() -> Optional[float]:
     return _COPY_BANDWIDTH
 
 
-def record(group: str, case: str, provider: str, mode: str, seconds: float, memory: Optional[int] = None,
-           saved: Optional[int] = None, min_bytes: Optional[int] = None, images: Optional[int] = None) -> None:
-    RESULTS.append(dict(group=group, case=case, provider=provider, mode=mode, seconds=seconds, memory=memory,
-                        saved=saved, min_bytes=min_bytes, images=images))
+def record(group: str, case: str, layout: str, mode: str, provider: str, times: List[float],
+           memory: Optional[List[int]] = None, saved: Optional[int] = None, min_bytes: Optional[int] = None,
+           images: Optional[int] = None) -> None:
+    """One provider's figures for a case: `times` (seconds per call) and `memory` (peak bytes) per
+    round, round r of every provider of the case measured in the same interleaved round."""
+    RESULTS.append(dict(group=group, case=case, layout=layout, mode=mode, provider=provider, times=times,
+                        memory=memory, saved=saved, min_bytes=min_bytes, images=images))
 
 
 def _cpu_name() -> str:
@@ -126,7 +178,7 @@ def environment() -> Dict[str, str]:
     import triton
     info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
             "device": torch.cuda.get_device_name() if GPU else f"{_cpu_name()}, {os.cpu_count()} cores",
-            "dtype": str(DTYPE).replace("torch.", ""), "layout": "channels_last" if GPU else "NCHW"}
+            "dtype": str(DTYPE).replace("torch.", ""), "rounds": str(ROUNDS), "memory rounds": str(MEMORY_ROUNDS)}
     if GPU:
         info["copy_bandwidth_GBps"] = f"{copy_bandwidth() / 1e9:.0f}"
     return info

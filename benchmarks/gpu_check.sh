@@ -4,7 +4,7 @@
 #   usage: benchmarks/gpu_check.sh OUT_DIR
 # Uses the python3 on the PATH (it must have torch with CUDA, triton, pytest, pytest-benchmark).
 # Stages can be skipped with GPU_CHECK_SKIP="build tests bench" (any subset). Each of the two pytest
-# stages has a time limit (GPU_CHECK_TEST_S, default 240; GPU_CHECK_BENCH_S, default 150) after which
+# stages has a time limit (GPU_CHECK_TEST_S, default 240; GPU_CHECK_BENCH_S, default 240) after which
 # it is interrupted with SIGINT, so pytest still writes its report and the summary; with pytest-xdist
 # installed the tests run in GPU_CHECK_WORKERS processes (default 4), so a crashing test loses
 # itself, not the run.
@@ -51,11 +51,11 @@ fi
 
 if [[ " $SKIP " != *" bench "* ]]; then
   stamp "benchmarks"
-  DLA_BENCH_OUT="$OUT" timeout -s INT -k 30 "${GPU_CHECK_BENCH_S:-150}" $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable-gc \
+  DLA_BENCH_OUT="$OUT" timeout -s INT -k 30 "${GPU_CHECK_BENCH_S:-240}" $PY -m pytest benchmarks -q -p no:cacheprovider --benchmark-disable-gc \
     --benchmark-json="$OUT/pytest_benchmark.json" > "$OUT/bench.log" 2>&1
   rc=$?
   tail -5 "$OUT/bench.log"
-  if (( rc == 124 )); then stamp "benchmarks STOPPED at the ${GPU_CHECK_BENCH_S:-150} s limit: the summary is partial"; fi
+  if (( rc == 124 )); then stamp "benchmarks STOPPED at the ${GPU_CHECK_BENCH_S:-240} s limit: the summary is partial"; fi
   (( rc == 0 )) || status=1
 fi
 

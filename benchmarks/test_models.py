@@ -1,5 +1,7 @@
 """Model level: one training step (forward, backward, SGD update) of dla34, dla34up and the
-CenterNet-style dla34, reference vs fused, eager vs torch.compile: images/s and peak memory."""
+CenterNet-style dla34, reference vs fused, eager vs torch.compile, each in NCHW and channels_last:
+images/s and peak memory. One test per network times all of them in interleaved rounds
+(bench_utils.interleaved)."""
 import os
 
 import pytest
@@ -8,7 +10,6 @@ import torch.nn.functional as F
 
 import bench_utils as bu
 import dla_fused
-from dla_fused import backend
 
 MODELS = {"dla34": dict(num_classes=1000), "dla34up": dict(num_classes=19),
           "centernet_dla34": dict(heads={"hm": 80, "wh": 2, "reg": 2})}
@@ -26,24 +27,20 @@ def _loss(output):
     return F.cross_entropy(output.float(), torch.zeros(output.shape[0], dtype=torch.long, device=output.device))
 
 
-def _cases():
+def _providers(name):
     providers = ["eager", "compiled"] + [f"fused:{b}" for b in bu.fused_backends()] + ["fused:auto+compiled"]
-    return [(name, p) for name in MODELS for p in providers
-            if COMPILE_ALL or name == "dla34" or not p.endswith("compiled")]
+    return [p for p in providers if COMPILE_ALL or name == "dla34" or not p.endswith("compiled")]
 
 
-@pytest.mark.parametrize("name,provider", _cases())
-def test_training_step(benchmark, name, provider):
-    compiled = provider.endswith("compiled")
-    fused = provider.startswith("fused")
-    backend.set_backend(provider.split(":")[1].split("+")[0] if fused else "auto")
+def _step(name, provider, memory_format):
+    """One training step of a fresh model `name` as `provider` runs it, in `memory_format`."""
     torch.manual_seed(0)
-    model = dla_fused.create_model(name, fused=fused, **MODELS[name]).to(bu.DEVICE).train()
-    model = model.to(memory_format=bu.LAYOUT)
-    net = torch.compile(model) if compiled else model
+    model = dla_fused.create_model(name, fused=provider.startswith("fused"), **MODELS[name])
+    model = model.to(bu.DEVICE).train().to(memory_format=memory_format)
+    net = torch.compile(model, dynamic=False) if provider.endswith("compiled") else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     images = torch.randn(bu.MODEL_BATCH, 3, bu.MODEL_IMAGE, bu.MODEL_IMAGE, device=bu.DEVICE)
-    images = images.contiguous(memory_format=bu.LAYOUT)
+    images = images.contiguous(memory_format=memory_format)
 
     def step():
         with torch.autocast(bu.DEVICE.type, dtype=bu.DTYPE, enabled=bu.GPU):
@@ -51,8 +48,17 @@ def test_training_step(benchmark, name, provider):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    return step
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_training_step(benchmark, name):
+    fns = {(layout, p): _step(name, p, memory_format)
+           for layout, memory_format in bu.LAYOUTS.items() for p in _providers(name)}
     benchmark.group = f"train step {name}"
-    seconds = bu.time_per_call(benchmark, step, 1)
-    memory = bu.peak_memory(step)
+    times = bu.interleaved(benchmark, fns, 1)
+    memory = bu.interleaved_memory(fns)
     case = f"{name} {bu.MODEL_BATCH}x3x{bu.MODEL_IMAGE}x{bu.MODEL_IMAGE}"
-    bu.record("training step", case, provider, "train step", seconds, memory=memory, images=bu.MODEL_BATCH)
+    for layout, provider in fns:
+        bu.record("training step", case, layout, "train step", provider, times[layout, provider],
+                  memory=memory and memory[layout, provider], images=bu.MODEL_BATCH)

@@ -1,21 +1,26 @@
 """Op level: the aggregation node at every distinct dla34 root (plus the widest dla169 root) and
-the IDA-Up steps of dla34up and the CenterNet-style net; eager (NCHW and channels_last),
-torch.compile of the eager reference, and each fused backend; forward, backward and both."""
+the IDA-Up steps of dla34up and the CenterNet-style net; eager, torch.compile of the eager
+reference and each fused backend, each in NCHW and channels_last; forward, backward and both. One
+test per case and mode times all of them in interleaved rounds (bench_utils.interleaved)."""
 import functools
 
 import pytest
 import torch
 
 import bench_utils as bu
-from dla_fused import backend, models
+from dla_fused import models
 from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference
 from dla_fused.ops.ida_up import ida_up, ida_up_reference
 from dla_fused.profiling import saved_bytes
 
 INNER = 10 if bu.GPU else 2
+MODES = ["fwd", "bwd", "fwd+bwd"]
 # Backward alone is timed by replaying one graph (retain_graph=True), which compiled graphs refuse
 # when they donate their buffers to the backward.
 torch._functorch.config.donated_buffer = False
+# One compiled reference per op serves every case, layout and mode: one static graph per case and
+# layout (no automatic dynamic shapes), cached between the three modes.
+torch._dynamo.config.recompile_limit = 64
 
 
 def _capture(name, hook_target, image, **kwargs):
@@ -78,15 +83,12 @@ def ida_cases():
 
 
 def _providers():
-    return ["eager", "eager_cl", "compiled"] + [f"fused:{b}" for b in bu.fused_backends()]
+    return ["eager", "compiled"] + [f"fused:{b}" for b in bu.fused_backends()]
 
 
-def _layout(provider):
-    if provider == "eager":
-        return torch.contiguous_format
-    if provider == "eager_cl":
-        return torch.channels_last
-    return bu.LAYOUT
+@functools.lru_cache(maxsize=None)
+def _compiled(fn):
+    return torch.compile(fn, dynamic=False)
 
 
 def _agg_inputs(case, layout):
@@ -105,46 +107,55 @@ def _agg_inputs(case, layout):
     return children, weight, gamma, beta, stats, residual, inputs, min_bytes
 
 
-def _agg_fn(provider):
+def _op(provider, reference, fused):
     if provider.startswith("fused:"):
-        backend.set_backend(provider.split(":")[1])
-        return aggregation_node
-    backend.set_backend("auto")
-    ref = lambda *a, **k: aggregation_node_reference(*a, **k)  # noqa: E731
-    return torch.compile(aggregation_node_reference) if provider == "compiled" else ref
+        return fused
+    return _compiled(reference) if provider == "compiled" else reference
 
 
-def _measure(benchmark, group, case, provider, mode, call, inputs, min_bytes):
-    """Time `mode` of `call()` (forward returning the output) and record it."""
+def _timed(mode, call, inputs):
+    """The function timed for `mode` of `call()` (the forward, returning the output)."""
+    if mode == "fwd":
+        return call
     out = call()
     grad = torch.randn_like(out)
-    if mode == "fwd":
-        fn = call
-    elif mode == "bwd":
-        fn = lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)  # noqa: E731
-    else:
-        fn = lambda: torch.autograd.grad(call(), inputs, grad)  # noqa: E731
-    seconds = bu.time_per_call(benchmark, fn, INNER)
-    memory = saved = None
-    if mode == "fwd+bwd":
-        memory = bu.peak_memory(fn)
-        saved = saved_bytes(call, exclude=inputs)
-    record_bytes = min_bytes if mode == "fwd+bwd" else None
-    bu.record(group, case, provider, mode, seconds, memory=memory, saved=saved, min_bytes=record_bytes)
+    if mode == "bwd":
+        return lambda: torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    return lambda: torch.autograd.grad(call(), inputs, grad)
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", _providers())
+def _measure(benchmark, group, case, mode, calls, min_bytes):
+    """Time `mode` of every (layout, provider) -> (call, inputs) in interleaved rounds, and in
+    fwd+bwd its peak memory and the bytes it saves for backward; record them."""
+    fns = {}
+    for key, (call, inputs) in calls.items():
+        bu.select_backend(key[1])
+        fns[key] = _timed(mode, call, inputs)
+    times = bu.interleaved(benchmark, fns, INNER)
+    both = mode == "fwd+bwd"
+    memory = bu.interleaved_memory(fns) if both else None
+    for (layout, provider), (call, inputs) in calls.items():
+        saved = None
+        if both:
+            bu.select_backend(provider)
+            saved = saved_bytes(call, exclude=inputs)
+        bu.record(group, case, layout, mode, provider, times[layout, provider],
+                  memory=memory and memory[layout, provider], saved=saved, min_bytes=min_bytes if both else None)
+
+
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(agg_cases()))
-def test_aggregation_node(benchmark, case, provider, mode):
-    fn = _agg_fn(provider)
-    children, weight, gamma, beta, stats, residual, inputs, min_bytes = _agg_inputs(case, _layout(provider))
-
-    def call():
-        return fn(children, weight, gamma, beta, stats["running_mean"], stats["running_var"], None, True,
-                  0.1, 1e-5, residual)
+def test_aggregation_node(benchmark, case, mode):
+    calls = {}
+    for layout, memory_format in bu.LAYOUTS.items():
+        for provider in _providers():
+            children, weight, gamma, beta, stats, residual, inputs, min_bytes = _agg_inputs(case, memory_format)
+            fn = _op(provider, aggregation_node_reference, aggregation_node)
+            calls[layout, provider] = (functools.partial(
+                fn, children, weight, gamma, beta, stats["running_mean"], stats["running_var"], None, True,
+                0.1, 1e-5, residual), inputs)
     benchmark.group = f"aggregation {case} {mode}"
-    _measure(benchmark, "aggregation node", case, provider, mode, call, inputs, min_bytes)
+    _measure(benchmark, "aggregation node", case, mode, calls, min_bytes)
 
 
 def _ida_inputs(case, layout):
@@ -171,21 +182,17 @@ def _ida_inputs(case, layout):
     return args, factor, inputs, min_bytes
 
 
-@pytest.mark.parametrize("mode", ["fwd", "bwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", _providers())
+@pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(ida_cases()))
-def test_ida_up_step(benchmark, case, provider, mode):
-    if provider.startswith("fused:"):
-        backend.set_backend(provider.split(":")[1])
-        fn = ida_up
-    else:
-        backend.set_backend("auto")
-        fn = torch.compile(ida_up_reference) if provider == "compiled" else ida_up_reference
-    args, factor, inputs, min_bytes = _ida_inputs(case, _layout(provider))
-
-    def call():
-        return fn(args["x"], args.get("proj_weight"), args.get("bn_weight"), args.get("bn_bias"),
-                  args.get("running_mean"), args.get("running_var"), None, True, 0.1, 1e-5, args["up_weight"],
-                  factor, args.get("skip"))
+def test_ida_up_step(benchmark, case, mode):
+    calls = {}
+    for layout, memory_format in bu.LAYOUTS.items():
+        for provider in _providers():
+            args, factor, inputs, min_bytes = _ida_inputs(case, memory_format)
+            fn = _op(provider, ida_up_reference, ida_up)
+            calls[layout, provider] = (functools.partial(
+                fn, args["x"], args.get("proj_weight"), args.get("bn_weight"), args.get("bn_bias"),
+                args.get("running_mean"), args.get("running_var"), None, True, 0.1, 1e-5, args["up_weight"],
+                factor, args.get("skip")), inputs)
     benchmark.group = f"ida {case} {mode}"
-    _measure(benchmark, "IDA-Up step", case, provider, mode, call, inputs, min_bytes)
+    _measure(benchmark, "IDA-Up step", case, mode, calls, min_bytes)

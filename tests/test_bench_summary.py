@@ -1,0 +1,85 @@
+"""The benchmark summary's statistics and verdicts (benchmarks/bench_summary.py), on made-up figures."""
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks"))
+
+import bench_summary as bs  # noqa: E402
+
+
+def _record(case, layout, provider, times, memory=None, group="aggregation node", mode="fwd+bwd"):
+    return dict(group=group, case=case, layout=layout, mode=mode, provider=provider, times=times, memory=memory,
+                saved=None, min_bytes=None, images=None)
+
+
+def test_spread_interpolates_quartiles():
+    assert bs.spread([5, 1, 4, 2, 3]) == (3, 2, 4)
+    assert bs.spread([4, 1, 3, 2]) == (2.5, 1.75, 3.25)
+    assert bs.spread([7]) == (7, 7, 7)
+    with pytest.raises(ValueError):
+        bs.spread([])
+
+
+def test_ratios_are_taken_per_round():
+    # the load changed from round to round, but each pair ran under the same load
+    eager, fused = [1, 2, 3, 4, 5], [0.5, 1, 1.5, 2, 2.5]
+    assert bs.paired(eager, fused) == (2, 2, 2)
+    assert bs.paired([1, 2], [0, 1]) == (2, 2, 2)  # a zero denominator is left out
+    assert bs.paired([1], [0]) is None
+    with pytest.raises(ValueError):
+        bs.paired([1, 2], [1])
+
+
+@pytest.mark.parametrize("s, comparison, threshold, expected", [
+    (bs.Spread(2.2, 2.1, 2.3), ">=", 2, "met"),
+    (bs.Spread(2.0, 2.0, 2.3), ">=", 2, "met"),
+    (bs.Spread(1.8, 1.7, 1.9), ">=", 2, "MISSED"),
+    (bs.Spread(2.1, 1.9, 2.3), ">=", 2, "inconclusive"),
+    (bs.Spread(1.9, 1.7, 2.3), ">=", 2, "inconclusive"),
+    (bs.Spread(0.9, 0.8, 0.95), "<", 1, "met"),
+    (bs.Spread(0.9, 0.8, 1.0), "<", 1, "inconclusive"),
+    (bs.Spread(1.0, 1.0, 1.1), "<", 1, "MISSED"),
+    (bs.Spread(0.7, 0.6, 0.75), "<=", 0.75, "met"),
+])
+def test_verdict_needs_the_whole_iqr_on_one_side(s, comparison, threshold, expected):
+    assert bs.verdict(s, comparison, threshold) == expected
+
+
+def test_targets_judge_the_best_fused_provider_against_same_layout_eager():
+    results = [
+        _record("a", "NCHW", "eager", [2, 2, 2, 2, 2], memory=[10] * 5),
+        _record("a", "NCHW", "fused:x", [1, 1, 1, 1, 1], memory=[5] * 5),
+        _record("a", "NCHW", "fused:y", [4, 4, 4, 4, 4], memory=[1] * 5),
+        # channels_last eager is twice as fast: the same fused times are no speed-up there
+        _record("a", "channels_last", "eager", [1, 1, 1, 1, 1], memory=[10] * 5),
+        _record("a", "channels_last", "fused:x", [1.2, 0.8, 1.2, 0.8, 1], memory=[9, 11, 9, 11, 10]),
+    ]
+    lines = bs.check_targets(results, "cpu")
+    assert len(lines) == 4
+    speed_nchw, speed_cl, memory_nchw, memory_cl = lines
+    assert speed_nchw.split()[0] == "met" and "NCHW: fused:x 2.00x [2.00–2.00] eager's speed" in speed_nchw
+    assert memory_nchw.split()[0] == "met" and "fused:x peak memory 0.50x" in memory_nchw
+    assert speed_cl.split()[0] == "inconclusive" and "channels_last: fused:x" in speed_cl
+    assert memory_cl.split()[0] == "inconclusive"
+
+
+def test_best_vs_best_eager_layout_uses_the_faster_eager():
+    layouts = {"NCHW": {"eager": {"times": [4, 4, 4]}, "fused:x": {"times": [1, 1, 1]}},
+               "channels_last": {"eager": {"times": [2, 2, 2]}, "fused:x": {"times": [2, 2, 2]}}}
+    assert bs.vs_best_eager_layout(layouts, "NCHW") == (2, 2, 2)
+    assert bs.vs_best_eager_layout(layouts, "channels_last") == (1, 1, 1)
+
+
+def test_summary_table_and_target_lines():
+    results = [_record("a", lay, p, t, group="training step", mode="train step")
+               for lay in ("NCHW", "channels_last")
+               for p, t in (("eager", [0.2] * 5), ("compiled", [0.1] * 5), ("fused:x", [0.25] * 5))]
+    lines = bs.summary(results, "cpu", "peak RSS growth")
+    header = lines[2].split()
+    assert header[:5] == ["case", "layout", "eager", "compiled", "fused:x"]
+    assert lines[2].endswith("best vs best eager layout")
+    assert lines[3].split()[:4] == ["a", "NCHW", "200.000", "ms"]
+    assert "2.00x [2.00–2.00]" in lines[3] and lines[3].endswith("0.80x [0.80–0.80]")
+    assert [line.split()[0] for line in lines[-2:]] == ["MISSED", "MISSED"]
