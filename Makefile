@@ -7,13 +7,18 @@ PY := $(VENV)/bin/python
 JOBS ?= $(shell nproc)
 SOURCES := setup.py $(wildcard csrc/*.cpp csrc/*.h csrc/cpu/* csrc/cuda/*)
 
-.PHONY: demo test bench install clean
+.PHONY: demo test compile-check bench install clean
 
 demo: install
 	$(PY) -m dla_fused demo
 
+# Tests run in one pytest-xdist worker per core. The sm_90 compile sweep of every Triton kernel
+# variant takes minutes: `make compile-check` runs it (CI runs both).
 test: install
-	$(PY) -m pytest tests -q
+	$(PY) -m pytest tests -q -n $(JOBS) -m "not compile_sweep"
+
+compile-check: install
+	$(PY) -m pytest tests -q -m compile_sweep
 
 bench: install
 	$(PY) -m pytest benchmarks -q

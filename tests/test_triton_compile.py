@@ -29,6 +29,7 @@ def compile_check(*args):
                           capture_output=True, text=True, timeout=1200)
 
 
+@pytest.mark.compile_sweep  # minutes: `make test` leaves it to `make compile-check` (a CI step of its own)
 @pytest.mark.parametrize("dtype", ["float32", "float16", "bfloat16", "float64"])
 def test_every_kernel_compiles_for_sm90(dtype):
     out = compile_check("--arch", "90", "--dtypes", dtype)
