@@ -34,6 +34,16 @@ def _float64_run(cfg):
         os.path.join(cfg.out, "log.jsonl"))
 
 
+def _assert_same_state(a, b, rel=1e-9):
+    """Equal state dicts: floating entries to `rel` of their largest magnitude, the rest exactly."""
+    for k in b:
+        if b[k].is_floating_point():
+            scale = b[k].abs().max().item() or 1.0
+            assert (a[k] - b[k]).abs().max().item() <= rel * scale, k
+        else:
+            assert torch.equal(a[k], b[k]), k
+
+
 def test_fused_training_equals_reference_in_float64(tmp_path):
     """4 float64 steps from the same weights and data end with the same parameters, running
     statistics and losses (relative 1e-9). The head starts at zero, so step 1 trains only the head
@@ -46,12 +56,7 @@ def test_fused_training_equals_reference_in_float64(tmp_path):
     assert fused["level5.root.conv.weight"].dtype == torch.float64
     assert len(ref_losses) == 4 and len(set(ref_losses)) == 4
     torch.testing.assert_close(torch.tensor(fused_losses), torch.tensor(ref_losses), rtol=1e-9, atol=0)
-    for k in ref:
-        if ref[k].is_floating_point():
-            scale = ref[k].abs().max().item() or 1.0
-            assert (fused[k] - ref[k]).abs().max().item() <= 1e-9 * scale, k
-        else:
-            assert torch.equal(fused[k], ref[k]), k
+    _assert_same_state(fused, ref)
 
 
 def test_fused_float32_training_stays_within_reference_noise(tmp_path):
@@ -165,24 +170,13 @@ def test_ddp_sync_bn_matches_one_process_on_the_full_batch(tmp_path):
     process reaches on the full batch, without deprecation warnings. Run in float64 (default dtype): in float32, tiny
     BatchNorm batches make even the thread count change the parameters by 1e-3 after 3 steps."""
     common = dict(SMALL, epochs=1, steps_per_epoch=3, model="dla46_c")
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    try:
-        train(TrainConfig(**{**common, "batch_size": 8}, out=str(tmp_path / "one")))
-    finally:
-        torch.set_default_dtype(previous)
+    a, _ = _float64_run(TrainConfig(**{**common, "batch_size": 8}, out=str(tmp_path / "one")))
     port = _free_port()
     mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "two"), {**common, "batch_size": 4, "sync_bn": True}),
              nprocs=2, join=True)
-    a = torch.load(tmp_path / "one" / "last.pt", weights_only=True)["model"]
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
     assert a["base_layer.0.weight"].dtype == torch.float64
-    for k in a:
-        if a[k].is_floating_point():
-            scale = a[k].abs().max().item() or 1.0
-            assert (a[k] - b[k]).abs().max().item() <= 1e-9 * scale, k
-        else:
-            assert torch.equal(a[k], b[k]), k
+    _assert_same_state(b, a)
 
 
 def _cli(*args, timeout=600):
