@@ -238,10 +238,48 @@ def tables(group: str, mode: str, cases: Dict, memory_kind: str, copy_bandwidth:
     return lines
 
 
+def shares(results: List[Dict]) -> List[str]:
+    """How much of an eager model step the fused parts take, and so how far fusing them can move
+    the step: for each eager step that lists its parts (op cases and calls), the sum of the op
+    benchmarks' eager fwd+bwd medians over the parts, as a share of the step's median (same
+    layout); the step's speed-up if the parts took no time, 1 / (1 - share); and the speed-up the
+    op benchmarks predict, the parts taking the best fused provider's median instead."""
+    ops = defaultdict(dict)
+    for r in results:
+        if r["mode"] == "fwd+bwd":
+            ops[r["group"], r["case"], r["layout"]][r["provider"]] = r
+    rows = []
+    for r in results:
+        if r["group"] != "training step" or r["provider"] != "eager" or not r.get("parts"):
+            continue
+        step = median_time({"eager": r}, "eager")
+        eager_parts = fused_parts = 0.0
+        for group, case, calls in r["parts"]:
+            row = ops.get((group, case, r["layout"]), {})
+            fused = best_fused(row)
+            if "eager" not in row or not fused:
+                break
+            eager_parts += calls * median_time(row, "eager")
+            fused_parts += calls * median_time(row, fused)
+        else:
+            share = eager_parts / step
+            rows.append([r["case"], r["layout"], f"{step * 1e3:.1f} ms", f"{share * 100:.0f}%",
+                         f"{1 / (1 - share):.2f}x" if share < 1 else "-",
+                         f"{step / (step - eager_parts + fused_parts):.2f}x"])
+    if not rows:
+        return []
+    return [""] + _table("training step: the fused parts (aggregation nodes, IDA-Up steps) in an eager step, from the "
+                         "op benchmarks' fwd+bwd medians at the same shapes and layout",
+                         ["case", "layout", "eager step", "parts' share", "step speed-up if parts were free",
+                          "step speed-up predicted from op medians"], rows)
+
+
 def summary(results: List[Dict], device: str, memory_kind: str, copy_bandwidth: Optional[float] = None) -> List[str]:
-    """The tables of every (group, mode) measured, then the target verdicts."""
+    """The tables of every (group, mode) measured, the fused parts' share of the model steps, then
+    the target verdicts."""
     lines = []
     for (group, mode), cases in grouped(results).items():
         lines += [""] + tables(group, mode, cases, memory_kind, copy_bandwidth)
+    lines += shares(results)
     checks = check_targets(results, device, copy_bandwidth)
     return lines + (["", "targets (met / MISSED only when the whole IQR is on one side):"] + checks if checks else [])

@@ -156,11 +156,13 @@ def copy_bandwidth() -> Optional[float]:
 
 def record(group: str, case: str, layout: str, mode: str, provider: str, times: List[float],
            memory: Optional[List[int]] = None, saved: Optional[int] = None, min_bytes: Optional[int] = None,
-           images: Optional[int] = None) -> None:
+           images: Optional[int] = None, parts: Optional[Dict[Tuple[str, str], int]] = None) -> None:
     """One provider's figures for a case: `times` (seconds per call) and `memory` (peak bytes) per
-    round, round r of every provider of the case measured in the same interleaved round."""
+    round, round r of every provider of the case measured in the same interleaved round; `parts`
+    ({(op group, op case): calls}) for a model step, the op cases it is made of."""
     RESULTS.append(dict(group=group, case=case, layout=layout, mode=mode, provider=provider, times=times,
-                        memory=memory, saved=saved, min_bytes=min_bytes, images=images))
+                        memory=memory, saved=saved, min_bytes=min_bytes, images=images,
+                        parts=parts and [[group_, case_, n] for (group_, case_), n in parts.items()]))
 
 
 def _cpu_name() -> str:

@@ -1,7 +1,8 @@
 """Model level: one training step (forward, backward, SGD update) of dla34, dla34up and the
 CenterNet-style dla34, reference vs fused, eager vs torch.compile, each in NCHW and channels_last:
 images/s and peak memory. One test per network times all of them in interleaved rounds
-(bench_utils.interleaved)."""
+(bench_utils.interleaved). Eager's record lists the network's fused parts (aggregation nodes,
+IDA-Up steps) as op benchmark cases, for the share of its step they take (bench_summary.shares)."""
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import torch.nn.functional as F
 
 import bench_utils as bu
 import dla_fused
+from test_ops import fused_parts
 
 MODELS = {"dla34": dict(num_classes=1000), "dla34up": dict(num_classes=19),
           "centernet_dla34": dict(heads={"hm": 80, "wh": 2, "reg": 2})}
@@ -59,6 +61,10 @@ def test_training_step(benchmark, name):
     times = bu.interleaved(benchmark, fns, 1)
     memory = bu.interleaved_memory(fns)
     case = f"{name} {bu.MODEL_BATCH}x3x{bu.MODEL_IMAGE}x{bu.MODEL_IMAGE}"
+    # the op benchmarks measured the fused parts at the same shapes only when the sizes agree
+    same_sizes = (bu.MODEL_BATCH, bu.MODEL_IMAGE) == (bu.OP_BATCH, bu.OP_IMAGE)
+    parts = fused_parts(name, bu.MODEL_BATCH, bu.MODEL_IMAGE, **MODELS[name]) if same_sizes else None
     for layout, provider in fns:
         bu.record("training step", case, layout, "train step", provider, times[layout, provider],
-                  memory=memory and memory[layout, provider], images=bu.MODEL_BATCH)
+                  memory=memory and memory[layout, provider], images=bu.MODEL_BATCH,
+                  parts=parts if provider == "eager" else None)

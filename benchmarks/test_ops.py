@@ -23,25 +23,32 @@ torch._functorch.config.donated_buffer = False
 torch._dynamo.config.recompile_limit = 64
 
 
-def _capture(name, hook_target, image, **kwargs):
+def _capture(name, hook_target, image, batch=bu.OP_BATCH, **kwargs):
     """Run model `name` on the meta device and collect what `hook_target(model)` records."""
     with torch.device("meta"):
         model = models.create_model(name, **kwargs).train()
         seen = hook_target(model)
-        model(torch.empty(bu.OP_BATCH, 3, image, image))
+        model(torch.empty(batch, 3, image, image))
     return seen
 
 
+def _count(seen, key):
+    seen[key] = seen.get(key, 0) + 1
+
+
 def _roots(model):
+    """{(child shapes, out channels, residual): calls} of the model's aggregation nodes."""
     seen = {}
     for module in model.modules():
         if isinstance(module, models.Root):
-            module.register_forward_pre_hook(lambda m, args: seen.setdefault(
-                (tuple(tuple(a.shape) for a in args), m.conv.out_channels, m.residual), None))
+            module.register_forward_pre_hook(lambda m, args: _count(
+                seen, (tuple(tuple(a.shape) for a in args), m.conv.out_channels, m.residual)))
     return seen
 
 
 def _ida_steps(model):
+    """{(input shape, projection width or None, factor, skip): calls} of the model's upsampling
+    IDA-Up steps (an identity step costs nothing)."""
     seen = {}
     for module in model.modules():
         if hasattr(type(module), "project_up"):
@@ -52,23 +59,31 @@ def _ida_steps(model):
                     x.shape[1] if isinstance(proj, torch.nn.Identity) else proj.actf[0].num_features)
                 factor = 1 if isinstance(up, torch.nn.Identity) else up.stride[0]
                 if factor > 1:
-                    seen.setdefault((tuple(x.shape) if fused_proj or isinstance(proj, torch.nn.Identity)
-                                     else (x.shape[0], channels, *x.shape[2:]),
-                                     channels if fused_proj else None, factor, skip is not None), None)
+                    _count(seen, (tuple(x.shape) if fused_proj or isinstance(proj, torch.nn.Identity)
+                                  else (x.shape[0], channels, *x.shape[2:]),
+                                  channels if fused_proj else None, factor, skip is not None))
                 return _orig(i, x, skip)
             module.project_up = wrapped
     return seen
+
+
+def _agg_label(base, shapes, out):
+    return f"{base} {list(s[1] for s in shapes)}->{out} {shapes[0][2]}x{shapes[0][3]}"
+
+
+def _ida_label(net, shape, proj_out, factor, skip):
+    label = f"{net} {shape[1]}" + (f"->{proj_out}" if proj_out else "") + f" x{factor} {shape[2]}x{shape[3]}"
+    return label + (" +skip" if skip else "")
 
 
 @functools.lru_cache(maxsize=None)
 def agg_cases():
     cases = {}
     for (shapes, out, residual) in _capture("dla34", _roots, bu.OP_IMAGE):
-        h, w = shapes[0][2:]
-        cases[f"dla34 {list(s[1] for s in shapes)}->{out} {h}x{w}"] = (shapes, out, residual)
+        cases[_agg_label("dla34", shapes, out)] = (shapes, out, residual)
     dla169 = _capture("dla169", _roots, bu.OP_IMAGE)
     shapes, out, residual = max(dla169, key=lambda k: (len(k[0]), sum(s[1] for s in k[0])))
-    cases[f"dla169 {list(s[1] for s in shapes)}->{out} {shapes[0][2]}x{shapes[0][3]}"] = (shapes, out, residual)
+    cases[_agg_label("dla169", shapes, out)] = (shapes, out, residual)
     return cases
 
 
@@ -76,10 +91,19 @@ def agg_cases():
 def ida_cases():
     cases = {}
     for net in ("dla34up", "centernet_dla34"):
-        for (shape, proj_out, factor, skip) in _capture(net, _ida_steps, bu.OP_IMAGE):
-            label = f"{net} {shape[1]}" + (f"->{proj_out}" if proj_out else "") + f" x{factor} {shape[2]}x{shape[3]}"
-            cases[label + (" +skip" if skip else "")] = (shape, proj_out, factor, skip)
+        for key in _capture(net, _ida_steps, bu.OP_IMAGE):
+            cases[_ida_label(net, *key)] = key
     return cases
+
+
+def fused_parts(name, batch, image, **kwargs):
+    """{(op group, op case label): calls} of the parts the fused ops replace in one forward of
+    model `name` (a dla34-based network) at batch x 3 x image x image: the op cases measured here
+    when batch and image are the op benchmarks' sizes."""
+    roots, steps = _capture(name, lambda model: (_roots(model), _ida_steps(model)), image, batch, **kwargs)
+    parts = {("aggregation node", _agg_label("dla34", shapes, out)): n for (shapes, out, _), n in roots.items()}
+    parts.update({("IDA-Up step", _ida_label(name, *key)): n for key, n in steps.items()})
+    return parts
 
 
 def _providers():

@@ -83,3 +83,18 @@ def test_summary_table_and_target_lines():
     assert lines[3].split()[:4] == ["a", "NCHW", "200.000", "ms"]
     assert "2.00x [2.00–2.00]" in lines[3] and lines[3].endswith("0.80x [0.80–0.80]")
     assert [line.split()[0] for line in lines[-2:]] == ["MISSED", "MISSED"]
+
+
+def test_share_of_the_fused_parts_in_a_model_step():
+    """A 100 ms eager step made of 2 calls of a 10 ms op and 1 of a 20 ms op: the parts are 40% of
+    it, free parts would make the step 1/0.6 = 1.67x faster, and fused ops at 5 and 40 ms predict
+    100 / (100 - 40 + 50) = 0.91x."""
+    step = dict(_record("net 8x3x128x128", "NCHW", "eager", [0.1] * 5, group="training step", mode="train step"),
+                parts=[["aggregation node", "root", 2], ["IDA-Up step", "up", 1]])
+    results = [_record("root", "NCHW", "eager", [0.01] * 5), _record("root", "NCHW", "fused:cpu", [0.005] * 5),
+               _record("up", "NCHW", "eager", [0.02] * 5, group="IDA-Up step"),
+               _record("up", "NCHW", "fused:cpu", [0.04] * 5, group="IDA-Up step"), step]
+    title, header, row = bs.shares(results)[1:]
+    assert "100.0 ms" in row and row.split()[-3:] == ["40%", "1.67x", "0.91x"]
+    # a part without its op benchmark (other sizes, a stopped run): no row rather than a wrong share
+    assert bs.shares(results[2:]) == []
