@@ -30,9 +30,11 @@ RESULTS: List[Dict] = []
 
 
 def fused_backends() -> List[str]:
+    """The device's fused backends, and `auto` (the default: measured per call on a GPU, a
+    measured choice per op on the CPU)."""
     from dla_fused import backend
     names = ("triton", "cuda") if GPU else ("cpu",)
-    return [n for n in names if not backend.not_supported_reasons(n, DEVICE.type)]
+    return [n for n in names if not backend.not_supported_reasons(n, DEVICE.type)] + ["auto"]
 
 
 def select_backend(provider: str) -> None:

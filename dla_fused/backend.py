@@ -8,8 +8,8 @@ Backends (each provides the primitives of dla_fused/ops/primitives.py under the 
   tune       measure: the first call of an op with a new shape key times one forward (+ backward
              when gradients are wanted) through every usable backend on that device, runs the
              fastest and keeps that choice for the key (`backend_info()` lists choices and times)
-  auto       the default: `tune` on CUDA devices (among triton, cuda and reference); on CPU the
-             C++ kernels (`cpu`), else `reference` (interpreted Triton is for tests, never picked)
+  auto       the default: `tune` on CUDA devices (among triton, cuda and reference); on CPU a fixed
+             choice per op, measured (AUTO_ORDER_CPU; interpreted Triton is for tests, never picked)
 
 Choose with `set_backend(name)` or the environment variable DLA_FUSED_BACKEND; see what was built
 and what is selected, and why, with `backend_info()`. A call's forward and backward run on the
@@ -26,9 +26,13 @@ import torch
 
 NAMES = ("auto", "tune", "triton", "cuda", "cpu", "reference")
 KERNELS = NAMES[2:]
-# `auto` on CPU: the first usable of these (the C++ kernels are written for the job; the reference
-# primitives are the plain-PyTorch spec). On CUDA `auto` measures instead (`tune`).
-AUTO_ORDER_CPU = ("cpu", "reference")
+# `auto` on CPU, per op: the first usable of these. Chosen by measurement (`tune` on the benchmark
+# shapes, float32, both layouts; benchmarks/RESULTS.md): the C++ kernels are faster for the
+# aggregation node at all shapes but one, the plain-PyTorch primitives (whose transposed
+# convolution is oneDNN's) 1.4-3.3x faster for the IDA-Up step at all. On CUDA `auto` measures
+# every call's shape instead (`tune`).
+AUTO_ORDER_CPU = {"aggregation_node": ("cpu", "reference"), "ida_up": ("reference",)}
+OPS = tuple(AUTO_ORDER_CPU)
 TUNE_REPEATS = 3
 PRIMITIVES = ("agg_conv", "agg_apply_", "agg_backward_reduce", "agg_backward_dz_",
               "agg_backward_gemm", "ida_upsample", "ida_upsample_backward")
@@ -142,9 +146,10 @@ def _tunes(requested: str, device: torch.device) -> bool:
     return requested == "tune" or (requested == "auto" and device.type == "cuda")
 
 
-def resolve(device: torch.device) -> str:
-    """The backend that will run on `device` under the current selection ('tune' where it is
-    measured per call); raises BackendError when an explicitly requested backend cannot."""
+def resolve(device: torch.device, op: str) -> str:
+    """The backend that will run `op` (one of OPS) on `device` under the current selection ('tune'
+    where it is measured per call); raises BackendError when an explicitly requested backend
+    cannot."""
     requested = get_backend()
     if _tunes(requested, device):
         return "tune"
@@ -153,7 +158,7 @@ def resolve(device: torch.device) -> str:
         if reasons:
             raise BackendError(f"backend {requested!r} cannot run on {device.type}: " + "; ".join(reasons))
         return requested
-    for name in AUTO_ORDER_CPU:
+    for name in AUTO_ORDER_CPU[op]:
         if not not_supported_reasons(name, device.type):
             return name
     return "reference"
@@ -184,15 +189,17 @@ def _tuned_key(device: torch.device, key: tuple) -> tuple:
     return (device.type, device.index) + tuple(key)
 
 
-def primitives_for(device: torch.device, key: tuple = (), trial: Optional[Callable[[object], None]] = None):
-    """The primitives namespace that runs on `device`. Under tuning, `key` names the op and shape
-    and `trial(P)` runs one forward (+ backward) with primitives P: the first call per key times it
-    on every candidate backend and keeps the fastest; later calls (and the backward of the same
-    key) reuse that choice. Without `trial` an unseen key falls back to the first usable backend."""
-    name = resolve(device)
+def primitives_for(device: torch.device, op: str, key: tuple = (),
+                   trial: Optional[Callable[[object], None]] = None):
+    """The primitives namespace that runs `op` on `device`. Under tuning, `key` names the call's
+    shapes and flags and `trial(P)` runs one forward (+ backward) with primitives P: the first call
+    per key times it on every candidate backend and keeps the fastest; later calls (and the
+    backward of the same key) reuse that choice. Without `trial` an unseen key falls back to the
+    first usable backend."""
+    name = resolve(device, op)
     if name != "tune":
         return _load(name)
-    full_key = _tuned_key(device, key)
+    full_key = _tuned_key(device, (op,) + tuple(key))
     if full_key not in _tuned:
         candidates = _tune_candidates(get_backend(), device)
         if trial is None:
@@ -234,18 +241,18 @@ def backend_info(print_it: bool = True) -> str:
             for reason in not_supported_reasons(n, device_type):
                 lines.append(f"  {n}: {reason}")
         device = torch.device(device_type)
-        try:
-            chosen = resolve(device)
-        except BackendError as err:
-            lines.append(f"  selected for {device_type}: none ({err})")
-            continue
-        if chosen == "tune":
-            among = ", ".join(_tune_candidates(get_backend(), device))
-            lines.append(f"  selected for {device_type}: measured per op and shape on first call, among {among}")
-        else:
-            why = "requested" if get_backend() != "auto" else "first usable of auto's CPU order " + "/".join(
-                AUTO_ORDER_CPU)
-            lines.append(f"  selected for {device_type}: {chosen} ({why})")
+        for op in OPS:
+            try:
+                chosen = resolve(device, op)
+            except BackendError as err:
+                lines.append(f"  {op} on {device_type}: none ({err})")
+                continue
+            if chosen == "tune":
+                among = ", ".join(_tune_candidates(get_backend(), device))
+                lines.append(f"  {op} on {device_type}: measured per shape on first call, among {among}")
+            else:
+                why = "requested" if get_backend() != "auto" else "auto's measured CPU choice"
+                lines.append(f"  {op} on {device_type}: {chosen} ({why})")
     for key, (winner, times) in _tuned.items():
         measured = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
         lines.append(f"tuned {key[0]}:{key[2]} {key[3:]}: {winner} ({measured})")

@@ -87,11 +87,24 @@ def test_forward_and_backward_run_on_the_measured_winner(monkeypatch):
     assert winners == {"aggregation_node": "reference", "ida_up": "reference"}
 
 
-def test_auto_measures_on_cuda_and_takes_the_cpu_kernels_on_cpu():
+def test_auto_measures_on_cuda_and_takes_its_measured_choice_per_op_on_cpu(monkeypatch):
+    """On CPU `auto` runs the aggregation node on the C++ kernels and the IDA-Up step on the
+    plain-PyTorch primitives (the faster of the two for each op, backend.AUTO_ORDER_CPU), without
+    timing anything."""
     backend.set_backend("auto")
-    assert backend.resolve(torch.device("cuda")) == "tune"
-    assert backend.resolve(torch.device("cpu")) == "cpu"
+    for op in backend.OPS:
+        assert backend.resolve(torch.device("cuda"), op) == "tune"
+    assert backend.resolve(torch.device("cpu"), "aggregation_node") == "cpu"
+    assert backend.resolve(torch.device("cpu"), "ida_up") == "reference"
     assert "triton" not in backend._tune_candidates("auto", torch.device("cpu"))
     assert backend._tune_candidates("tune", torch.device("cpu")) == ["triton", "cpu", "reference"]
-    _node(*_node_inputs())
+    used = {name: _counting(name, monkeypatch) for name in ("reference", "cpu")}
+    _node(*_node_inputs()).sum().backward()
+    x = torch.randn(2, 6, 4, 3, requires_grad=True)
+    ida_up(x, up_weight=torch.randn(6, 1, 4, 4), factor=2).sum().backward()
+    assert set(used["cpu"]) == {"agg_conv", "agg_apply_", "agg_backward_reduce", "agg_backward_dz_",
+                                "agg_backward_gemm"}
+    assert set(used["reference"]) == {"ida_upsample", "ida_upsample_backward"}
     assert backend.tuned_choices() == {}  # nothing is timed on the CPU under auto
+    info = backend.backend_info(print_it=False)
+    assert "aggregation_node on cpu: cpu" in info and "ida_up on cpu: reference" in info

@@ -71,9 +71,8 @@ def _primitives(children: List[Tensor], weight: Tensor, batch_stats: bool, resid
     """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
     batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
     x = children[0]
-    key = ("aggregation_node", tuple(tuple(c.shape) for c in children), x.dtype, memory_format_of(x),
-           batch_stats, residual)
-    return backend.primitives_for(x.device, key, trial)
+    key = (tuple(tuple(c.shape) for c in children), x.dtype, memory_format_of(x), batch_stats, residual)
+    return backend.primitives_for(x.device, "aggregation_node", key, trial)
 
 
 def _trial(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual):
@@ -251,7 +250,7 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     batch_stats = training or running_mean is None
     _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
               batch_stats, momentum, eps, residual)
-    backend.resolve(children[0].device)  # raises if the selected backend cannot serve this device
+    backend.resolve(children[0].device, "aggregation_node")  # raises if the selected backend cannot serve this device
     group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.aggregation_node(

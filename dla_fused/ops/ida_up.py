@@ -90,9 +90,9 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
 def _primitives(x, proj_weight, batch_stats, up_weight, factor, trial=None):
     """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
     batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
-    key = ("ida_up", tuple(x.shape), x.dtype, memory_format_of(x),
-           None if proj_weight is None else proj_weight.shape[0], up_weight is not None, factor, batch_stats)
-    return backend.primitives_for(x.device, key, trial)
+    key = (tuple(x.shape), x.dtype, memory_format_of(x), None if proj_weight is None else proj_weight.shape[0],
+           up_weight is not None, factor, batch_stats)
+    return backend.primitives_for(x.device, "ida_up", key, trial)
 
 
 def _trial(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor,
@@ -291,7 +291,7 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
     batch_stats = training or running_mean is None
     _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, batch_stats,
               momentum, eps, up_weight, factor, skip)
-    backend.resolve(x.device)  # raises if the selected backend cannot serve this device
+    backend.resolve(x.device, "ida_up")  # raises if the selected backend cannot serve this device
     if identity:  # as the reference: x itself, no copy, no cast
         return x if skip is None else x + skip
     # like nn.SyncBatchNorm: synchronise in training only
