@@ -67,7 +67,7 @@ def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bi
     return out, mean.clone(), var.clone(), _bn.pixel_count(children[0])
 
 
-def _primitives(children: List[Tensor], weight: Tensor, batch_stats: bool, residual: bool, trial=None):
+def _primitives(children: List[Tensor], batch_stats: bool, residual: bool, trial=None):
     """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
     batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
     x = children[0]
@@ -92,7 +92,7 @@ def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tens
     """Returns (out, mean, var): the statistics used (the batch's when batch_stats, else copies of
     the running ones). Running statistics are not touched here: the caller updates them once."""
     with _bn.no_autocast(children[0]):
-        P = _primitives(children, weight, batch_stats, residual, _trial(
+        P = _primitives(children, batch_stats, residual, _trial(
             children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual))
         out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
                                      batch_stats, eps, residual)
@@ -113,7 +113,7 @@ def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[
                                   bn_weight: Tensor, mean: Tensor, var: Tensor, batch_stats: bool,
                                   eps: float, residual: bool, bn_grads: bool
                                   ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
-    P = _primitives(children, weight, batch_stats, residual)  # the forward's choice, by key
+    P = _primitives(children, batch_stats, residual)  # the forward's choice, by key
     grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
     with _bn.no_autocast(out):
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
@@ -160,7 +160,7 @@ class _AggregationNodeFunction(torch.autograd.Function):
                 residual, *children):
         children = list(children)
         with _bn.no_autocast(children[0]):
-            P = _primitives(children, weight, batch_stats, residual, _trial(
+            P = _primitives(children, batch_stats, residual, _trial(
                 children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual))
             out, mean, var, count = _forward(P, children, weight, bn_weight, bn_bias, running_mean,
                                              running_var, batch_stats, eps, residual, group)
@@ -250,7 +250,7 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     batch_stats = training or running_mean is None
     _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
               batch_stats, momentum, eps, residual)
-    backend.resolve(children[0].device, "aggregation_node")  # raises if the selected backend cannot serve this device
+    backend.resolve(children[0].device, "aggregation_node")  # raises if the backend cannot serve it
     group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.aggregation_node(
