@@ -15,7 +15,7 @@ demo: install
 # Tests run in one pytest-xdist worker per core. The sm_90 compile sweep of every Triton kernel
 # variant takes minutes: `make compile-check` runs it (CI runs both).
 test: install
-	$(PY) -m pytest tests -q -n $(JOBS) -m "not compile_sweep"
+	$(PY) -m pytest tests -q -n $(JOBS) --dist worksteal -m "not compile_sweep"
 
 compile-check: install
 	$(PY) -m pytest tests -q -m compile_sweep
