@@ -164,11 +164,10 @@ def resolve(device: torch.device, op: str) -> str:
     return "reference"
 
 
-def _tune_candidates(requested: str, device: torch.device) -> List[str]:
-    names = [n for n in KERNELS if not not_supported_reasons(n, device.type)]
-    if requested == "auto":  # interpreted Triton is a test tool, not a speed option
-        names = [n for n in names if not (n == "triton" and device.type == "cpu")]
-    return names
+def _usable(device_type: str) -> List[str]:
+    """The backends that can run on `device_type`: what tuning measures (`auto` tunes only on
+    CUDA, so interpreted Triton is measured only when `tune` is asked for on the CPU)."""
+    return [n for n in KERNELS if not not_supported_reasons(n, device_type)]
 
 
 def _seconds(fn: Callable[[], None], device: torch.device) -> float:
@@ -201,7 +200,7 @@ def primitives_for(device: torch.device, op: str, key: tuple = (),
         return _load(name)
     full_key = _tuned_key(device, (op,) + tuple(key))
     if full_key not in _tuned:
-        candidates = _tune_candidates(get_backend(), device)
+        candidates = _usable(device.type)
         if trial is None:
             return _load(candidates[0] if candidates else "reference")
         times = {n: _seconds(lambda: trial(_load(n)), device) for n in candidates}
@@ -235,7 +234,7 @@ def backend_info(print_it: bool = True) -> str:
         if device_type == "cuda" and not torch.cuda.is_available():
             lines.append("cuda: no CUDA device is available")
             continue
-        usable = [n for n in KERNELS if not not_supported_reasons(n, device_type)]
+        usable = _usable(device_type)
         lines.append(f"{device_type}: usable {', '.join(usable) or 'none'}")
         for n in KERNELS:
             for reason in not_supported_reasons(n, device_type):
@@ -248,7 +247,7 @@ def backend_info(print_it: bool = True) -> str:
                 lines.append(f"  {op} on {device_type}: none ({err})")
                 continue
             if chosen == "tune":
-                among = ", ".join(_tune_candidates(get_backend(), device))
+                among = ", ".join(usable)
                 lines.append(f"  {op} on {device_type}: measured per shape on first call, among {among}")
             else:
                 why = "requested" if get_backend() != "auto" else "auto's measured CPU choice"
