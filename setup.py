@@ -6,6 +6,8 @@ CUDA build of torch are both present. Environment switches:
   DLA_FUSED_CUDA=auto|1|0   auto (default): build CUDA when possible; 1: require it; 0: skip it
   TORCH_CUDA_ARCH_LIST      architectures to build; default: the local GPUs, or 9.0 with no GPU
   CUDA_HOME                 the CUDA toolkit; default: found from nvcc, then /usr/local/cuda
+  DLA_FUSED_CPU_ARCH        native (default: the build machine's instruction set), portable, or
+                            any -march value, for the C++ CPU kernels
   MAX_JOBS                  parallel compile jobs (ninja)
 
 The decision is printed at the start of the build.
@@ -77,10 +79,23 @@ def _wheel_cuda_dirs(kind):
     return sorted({d for d in dirs if os.path.isdir(d)})
 
 
+def _cpu_arch_flags():
+    """The CPU kernels' per-element loops are written to vectorise: built for the build machine's
+    instruction set by default (AVX2 / AVX-512 where present), as the package is built where it
+    is installed. DLA_FUSED_CPU_ARCH=portable builds for any x86-64 (SSE2 only, slower);
+    any other value is passed as -march=VALUE."""
+    arch = os.environ.get("DLA_FUSED_CPU_ARCH", "native").strip()
+    if arch == "portable":
+        print("[dla_fused] C++ CPU kernels: portable build (DLA_FUSED_CPU_ARCH=portable)", flush=True)
+        return []
+    print(f"[dla_fused] C++ CPU kernels: -march={arch}", flush=True)
+    return [f"-march={arch}"]
+
+
 def _extensions():
     with_cuda, why = _cuda_decision()
     cpu_sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard is the one torch asks for
+    cxx_flags = ["-O3", "-fopenmp"] + _cpu_arch_flags()  # the C++ standard is the one torch asks for
     define = [("DLA_FUSED_WITH_CUDA", "1" if with_cuda else "0")]
     print(f"[dla_fused] C++ CPU kernels: building {len(cpu_sources)} sources", flush=True)
     print(f"[dla_fused] CUDA kernels: {why}", flush=True)
