@@ -15,11 +15,16 @@ TORCH_LIBRARY(dla_fused, m) {
         "bool stats) -> (Tensor, Tensor, Tensor)");
   // In place: z = relu(z * scale + shift (+ residual)).
   m.def("agg_apply_(Tensor(a!) z, Tensor scale, Tensor shift, Tensor? residual) -> ()");
+  // The same, out of place: returns relu(z * scale + shift (+ residual)), z unchanged.
+  m.def("agg_apply(Tensor z, Tensor scale, Tensor shift, Tensor? residual) -> Tensor");
   // g = grad_out * (out > 0) (grad_out when out is None); returns (sum g, sum g * (z - mean)).
   m.def("agg_backward_reduce(Tensor grad_out, Tensor? out, Tensor z, Tensor mean) -> (Tensor, Tensor)");
   // In place: z <- scale * g (+ z_coef * (z - mean) + bias). z is read only when z_coef is given.
   m.def("agg_backward_dz_(Tensor(a!) z, Tensor grad_out, Tensor? out, Tensor scale, Tensor? z_coef, "
         "Tensor? bias, Tensor? mean) -> ()");
+  // The same, out of place: returns dz, z unchanged.
+  m.def("agg_backward_dz(Tensor z, Tensor grad_out, Tensor? out, Tensor scale, Tensor? z_coef, "
+        "Tensor? bias, Tensor? mean) -> Tensor");
   // grad_children[i] = W_i^T dz (+ grad_out * (out > 0) for children[0] when grad_out is given);
   // grad_weight = sum over pixels of dz x^T, laid out like weight.
   m.def("agg_backward_gemm(Tensor dz, Tensor[] children, Tensor weight, Tensor? grad_out, "

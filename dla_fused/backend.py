@@ -34,7 +34,7 @@ KERNELS = NAMES[2:]
 AUTO_ORDER_CPU = {"aggregation_node": ("cpu", "reference"), "ida_up": ("reference",)}
 OPS = tuple(AUTO_ORDER_CPU)
 TUNE_REPEATS = 3
-PRIMITIVES = ("agg_conv", "agg_apply_", "agg_backward_reduce", "agg_backward_dz_",
+PRIMITIVES = ("agg_conv", "agg_apply_", "agg_apply", "agg_backward_reduce", "agg_backward_dz_", "agg_backward_dz",
               "agg_backward_gemm", "ida_upsample", "ida_upsample_backward")
 
 _requested: Optional[str] = None
@@ -146,11 +146,30 @@ def _tunes(requested: str, device: torch.device) -> bool:
     return requested == "tune" or (requested == "auto" and device.type == "cuda")
 
 
+def tunes(device: torch.device) -> bool:
+    """Whether calls on `device` choose their backend per shape key (`tune`) under the current selection."""
+    return _tunes(get_backend(), device)
+
+
+# resolve()'s answers: (requested, device type, op, triton interpreted) -> backend name. What a
+# backend can serve does not change within a process, except the interpreter switch (in the key).
+_resolved: Dict[tuple, str] = {}
+
+
 def resolve(device: torch.device, op: str) -> str:
     """The backend that will run `op` (one of OPS) on `device` under the current selection ('tune'
     where it is measured per call); raises BackendError when an explicitly requested backend
     cannot."""
     requested = get_backend()
+    cache_key = (requested, device.type, op, triton_interpreted())
+    name = _resolved.get(cache_key)
+    if name is None:
+        name = _resolve(requested, device, op)
+        _resolved[cache_key] = name
+    return name
+
+
+def _resolve(requested: str, device: torch.device, op: str) -> str:
     if _tunes(requested, device):
         return "tune"
     if requested != "auto":

@@ -298,6 +298,24 @@ def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torc
         z.copy_(zv)
 
 
+def agg_apply(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+              residual: Optional[torch.Tensor]) -> torch.Tensor:
+    """Out of place (the keep-z mode): a copy of z, then the in-place kernel. Not tuned: the
+    GPU default recomputes z instead of keeping it."""
+    result = z.clone()
+    agg_apply_(result, scale, shift, residual)
+    return result
+
+
+def agg_backward_dz(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,
+                    z_coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
+                    mean: Optional[torch.Tensor]) -> torch.Tensor:
+    """Out of place, as agg_apply: a copy of z, then the in-place kernel."""
+    result = z.clone()
+    agg_backward_dz_(result, grad_out, out, scale, z_coef, bias, mean)
+    return result
+
+
 # ------------------------------------------------------------------------------------------------
 # Backward GEMMs
 

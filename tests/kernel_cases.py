@@ -151,7 +151,19 @@ def check_agg_stats_numerics(device, dtype, layout, size=(4, 32, 32), seed=0):
     assert ((var.cpu().double() - ref_var).abs() / ref_var).max() < var_rel, (var, ref_var)
 
 
-def check_agg_apply(device, dtype, layout, residual_layout, seed=0, size=(N, H, W), c=None):
+def _out_of_place(fn, z, ref, name):
+    """fn() returns a new tensor: z untouched (bit for bit), the result in z's layout, equal to ref."""
+    before = z.clone()
+    result = fn()
+    assert result.data_ptr() != z.data_ptr(), f"{name} must not write into z"
+    assert torch.equal(z, before) or (z.isnan() == before.isnan()).all(), f"{name} changed z"
+    assert result.shape == z.shape and result.dtype == z.dtype and result.device == z.device
+    dense = z.contiguous(memory_format=P.memory_format_of(z))
+    assert result.stride() == dense.stride(), f"{name}: result strides {result.stride()}, expected z's layout"
+    check(result, ref, z, name)
+
+
+def check_agg_apply(device, dtype, layout, residual_layout, seed=0, size=(N, H, W), c=None, in_place=True):
     inp = Inputs(device, dtype, seed)
     n, h, w = size
     c = c or inp.ints(1, 3, 40)[0]
@@ -160,6 +172,8 @@ def check_agg_apply(device, dtype, layout, residual_layout, seed=0, size=(N, H, 
     residual = inp.act(n, c, h, w, residual_layout) if residual_layout else None
     ref = to64(z).clone()  # to64 of a float64 CPU tensor is that tensor; the primitive writes in place
     P.agg_apply_(ref, *to64((scale, shift, residual)))
+    if not in_place:
+        return _out_of_place(lambda: OPS.agg_apply(z, scale, shift, residual), z, ref, "agg_apply")
     before = (z.data_ptr(), z.stride())
     OPS.agg_apply_(z, scale, shift, residual)
     assert (z.data_ptr(), z.stride()) == before, "agg_apply_ must work in place"
@@ -180,7 +194,8 @@ def check_agg_backward_reduce(device, dtype, layout, with_out, seed=0, size=(N, 
         check(got, ref, mean, name, rel_of=dtype)
 
 
-def check_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, seed=0, size=(N, H, W), c=None):
+def check_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, seed=0, size=(N, H, W), c=None,
+                          in_place=True):
     inp = Inputs(device, dtype, seed)
     n, h, w = size
     c = c or inp.ints(1, 3, 40)[0]
@@ -193,6 +208,9 @@ def check_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, seed=0, 
     z_coef, bias, mean = (inp.vec(c), inp.vec(c), inp.vec(c)) if with_z_coef else (None, None, None)
     ref = to64(z).clone()  # to64 of a float64 CPU tensor is that tensor; the primitive writes in place
     P.agg_backward_dz_(ref, *to64((grad_out, out, scale, z_coef, bias, mean)))
+    if not in_place:
+        return _out_of_place(lambda: OPS.agg_backward_dz(z, grad_out, out, scale, z_coef, bias, mean), z, ref,
+                             "agg_backward_dz")
     before = (z.data_ptr(), z.stride())
     OPS.agg_backward_dz_(z, grad_out, out, scale, z_coef, bias, mean)
     assert (z.data_ptr(), z.stride()) == before, "agg_backward_dz_ must work in place"
@@ -278,8 +296,10 @@ def primitive_calls(device, dtype):
     return {
         "agg_conv": lambda: OPS.agg_conv([x], weight, None, None, False, True),
         "agg_apply_": lambda: OPS.agg_apply_(x, vec, vec, None),
+        "agg_apply": lambda: OPS.agg_apply(x, vec, vec, None),
         "agg_backward_reduce": lambda: OPS.agg_backward_reduce(x, x, x, vec),
         "agg_backward_dz_": lambda: OPS.agg_backward_dz_(x, x, None, vec, None, None, None),
+        "agg_backward_dz": lambda: OPS.agg_backward_dz(x, x, None, vec, None, None, None),
         "agg_backward_gemm": lambda: OPS.agg_backward_gemm(x, [x], weight, None, None),
         "ida_upsample": lambda: OPS.ida_upsample(x, vec, vec, up, 2, None),
         "ida_upsample_backward": lambda: OPS.ida_upsample_backward(big, x, vec, vec, up, 2),

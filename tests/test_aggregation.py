@@ -1,5 +1,6 @@
 """The fused aggregation node against its plain-PyTorch reference, on every CPU backend."""
 import copy
+import functools
 
 import pytest
 import torch
@@ -29,10 +30,11 @@ def make_inputs(channels, out, dtype=torch.float32, size=(3, 5), batch=2, layout
     return children, params, buffers
 
 
-def run_both(children, params, buffers, training, residual, momentum=0.1):
+def run_both(children, params, buffers, training, residual, momentum=0.1, memory_efficient=None):
     """Fused and reference forward + backward from identical inputs; returns both results."""
     results = []
-    for fn in (aggregation_node, aggregation_node_reference):
+    fused = functools.partial(aggregation_node, memory_efficient=memory_efficient)
+    for fn in (fused, aggregation_node_reference):
         kids = [c.detach().clone().requires_grad_() for c in children]
         ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
         bufs = copy.deepcopy(buffers)
@@ -44,8 +46,9 @@ def run_both(children, params, buffers, training, residual, momentum=0.1):
     return results
 
 
-def check_against_reference(children, params, buffers, training, residual, momentum=0.1):
-    (out, grads, bufs), (ref, ref_grads, ref_bufs) = run_both(children, params, buffers, training, residual, momentum)
+def check_against_reference(children, params, buffers, training, residual, momentum=0.1, memory_efficient=None):
+    (out, grads, bufs), (ref, ref_grads, ref_bufs) = run_both(children, params, buffers, training, residual, momentum,
+                                                              memory_efficient)
     assert out.is_contiguous(memory_format=memory_format_of(children[0])), "output must take children[0]'s layout"
     assert_close(out, ref, "output")
     names = [f"grad children[{i}]" for i in range(len(children))] + ["grad weight", "grad gamma", "grad beta"]
@@ -70,24 +73,26 @@ def test_every_dla_root_shape(backend_name):
 @pytest.mark.parametrize("n_children", [1, 2, 7, 10])  # 10: more than any DLA node has
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("training", [True, False])
-def test_children_residual_training(backend_name, n_children, residual, training):
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_children_residual_training(backend_name, n_children, residual, training, memory_efficient):
     use_backend(backend_name)
     channels = [9, 5, 3, 6, 4, 7, 2, 3, 5, 2][:n_children]
     children, params, buffers = make_inputs(channels, 9, size=(5, 7))
-    check_against_reference(children, params, buffers, training, residual)
+    check_against_reference(children, params, buffers, training, residual, memory_efficient=memory_efficient)
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("layouts", [(torch.channels_last,), (torch.channels_last, torch.contiguous_format)],
                          ids=["channels_last", "mixed"])
-def test_layouts(backend_name, layouts):
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_layouts(backend_name, layouts, memory_efficient):
     use_backend(backend_name)
     children, params, buffers = make_inputs([6, 4, 5], 6, size=(5, 3), layout=layouts)
-    check_against_reference(children, params, buffers, True, True)
+    check_against_reference(children, params, buffers, True, True, memory_efficient=memory_efficient)
     # a non-contiguous child (a strided slice)
     wide = torch.randn(2, 12, 5, 3).requires_grad_()
     children[1] = wide[:, ::3]
-    check_against_reference(children, params, buffers, True, False)
+    check_against_reference(children, params, buffers, True, False, memory_efficient=memory_efficient)
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
@@ -116,7 +121,8 @@ def test_statistics_with_large_mean(backend_name):
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("residual", [False, True])
-def test_gradcheck_float64(backend_name, training, residual):
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_gradcheck_float64(backend_name, training, residual, memory_efficient):
     use_backend(backend_name)
     children, params, buffers = make_inputs([3, 2, 3], 3, dtype=torch.float64, size=(3, 2))
     bn = {k: v.detach().double().requires_grad_() for k, v in params.items() if k != "weight"}
@@ -124,8 +130,25 @@ def test_gradcheck_float64(backend_name, training, residual):
 
     def fn(a, b, c, w, gamma, beta):
         return aggregation_node([a, b, c], w, gamma, beta, rm.clone(), rv.clone(), None, training, 0.1, 1e-5,
-                                residual)
+                                residual, memory_efficient=memory_efficient)
     assert torch.autograd.gradcheck(fn, (*children, params["weight"], bn["bn_weight"], bn["bn_bias"]))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_backward_twice_through_a_retained_graph(backend_name, memory_efficient):
+    """The kept conv output is read, never overwritten, by backward: a second backward through a
+    retained graph gives the same gradients."""
+    use_backend(backend_name)
+    children, params, buffers = make_inputs([5, 4], 5, size=(4, 3))
+    inputs = children + list(params.values())
+    out = aggregation_node(children, *params.values(), buffers["running_mean"], buffers["running_var"], None,
+                           True, 0.1, 1e-5, True, memory_efficient=memory_efficient)
+    grad = torch.randn_like(out)
+    first = torch.autograd.grad(out, inputs, grad, retain_graph=True)
+    second = torch.autograd.grad(out, inputs, grad)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
 
 
 @settings(max_examples=25, deadline=None)
@@ -162,9 +185,10 @@ def test_opcheck(backend_name):
     use_backend(backend_name)
     children, params, buffers = make_inputs([4, 3], 4)
     for batch_stats in (True, False):
-        torch.library.opcheck(torch.ops.dla_fused.aggregation_node.default,
-                              (children, params["weight"], params["bn_weight"], params["bn_bias"],
-                               buffers["running_mean"], buffers["running_var"], batch_stats, 1e-5, True))
+        for keep_z in (True, False):
+            torch.library.opcheck(torch.ops.dla_fused.aggregation_node.default,
+                                  (children, params["weight"], params["bn_weight"], params["bn_bias"],
+                                   buffers["running_mean"], buffers["running_var"], batch_stats, 1e-5, True, keep_z))
 
 
 def test_compile_fullgraph_matches_eager():
@@ -198,17 +222,22 @@ def test_compile_fullgraph_matches_eager():
 
 
 @pytest.mark.parametrize("residual", [False, True])
-def test_saves_only_live_tensors_and_vectors(residual):
-    """Backward recomputes the conv output: the op saves its inputs, its output and per-channel
-    vectors only, and far fewer new bytes than eager."""
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_saves_only_live_tensors_and_vectors(residual, memory_efficient):
+    """memory_efficient: backward recomputes the conv output, and the op saves its inputs, its
+    output and per-channel vectors only; otherwise it keeps the conv output z too. Either way far
+    fewer new bytes than eager (which keeps the concatenation, z and the BatchNorm output)."""
     use_backend("cpu")
     children, params, buffers = make_inputs([8, 8, 4], 8, size=(6, 6))
     fused_out, saved = saved_tensors(lambda: aggregation_node(
         children, params["weight"], params["bn_weight"], params["bn_bias"], buffers["running_mean"].clone(),
-        buffers["running_var"].clone(), None, True, 0.1, 1e-5, residual))
+        buffers["running_var"].clone(), None, True, 0.1, 1e-5, residual, memory_efficient=memory_efficient))
     live = {t.untyped_storage().data_ptr() for t in children + list(params.values()) + [fused_out]}
     new = [t for t in saved if t.untyped_storage().data_ptr() not in live]
-    assert all(t.dim() == 1 and t.numel() == 8 for t in new), [tuple(t.shape) for t in new]
+    vectors = [t for t in new if t.dim() == 1 and t.numel() == 8]
+    kept = [tuple(t.shape) for t in new if t.dim() != 1]
+    assert len(vectors) + len(kept) == len(new), [tuple(t.shape) for t in new]
+    assert kept == ([] if memory_efficient else [tuple(fused_out.shape)])
     ref_out, ref_saved = saved_tensors(lambda: aggregation_node_reference(
         children, params["weight"], params["bn_weight"], params["bn_bias"], buffers["running_mean"].clone(),
         buffers["running_var"].clone(), None, True, 0.1, 1e-5, residual))
@@ -216,7 +245,7 @@ def test_saves_only_live_tensors_and_vectors(residual):
     ref_new = sum(t.numel() * t.element_size() for t in {t.untyped_storage().data_ptr(): t for t in ref_saved
                                                          if t.untyped_storage().data_ptr() not in ref_live}.values())
     fused_new = sum(t.numel() * t.element_size() for t in new)
-    assert fused_new * 20 < ref_new, (fused_new, ref_new)
+    assert fused_new * (20 if memory_efficient else 2) < ref_new, (fused_new, ref_new)
 
 
 # --------------------------------------------------------------------------------------------- bad input
@@ -250,6 +279,8 @@ BAD_INPUTS = {
     "3-D child": (lambda a: a["children"].__setitem__(0, torch.randn(4, 3, 3)), ValueError, "4-D"),
     "bn_weight length": (lambda a: a.__setitem__("bn_weight", torch.ones(5)), ValueError, "bn_weight must have 4"),
     "children not a list": (lambda a: a.__setitem__("children", torch.randn(2, 7, 3, 3)), TypeError, "list"),
+    "memory_efficient not a bool": (lambda a: a.__setitem__("memory_efficient", "yes"), TypeError,
+                                    "memory_efficient must be True, False or None"),
     "momentum None without num_batches_tracked": (lambda a: (a.__setitem__("momentum", None),
                                                             a.__setitem__("num_batches_tracked", None)),
                                                   ValueError, "needs num_batches_tracked"),
@@ -334,10 +365,10 @@ def test_statistics_stay_float32_under_autocast(backend_name):
     use_backend(backend_name)
     children, params, buffers = make_inputs([4, 4], 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out, mean, var = torch.ops.dla_fused.aggregation_node(
+        out, mean, var, z = torch.ops.dla_fused.aggregation_node(
             [c.bfloat16() for c in children], params["weight"].bfloat16(), params["bn_weight"], params["bn_bias"],
-            None, None, True, 1e-5, False)
-    assert out.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
+            None, None, True, 1e-5, False, True)
+    assert out.dtype == z.dtype == torch.bfloat16 and mean.dtype == var.dtype == torch.float32
     x64 = torch.nn.functional.conv2d(torch.cat([c.bfloat16().double() for c in children], 1),
                                      params["weight"].bfloat16().double())
     assert_close(var, x64.var((0, 2, 3), unbiased=False).float(), "variance under autocast", rel=2e-2)

@@ -71,9 +71,10 @@ def test_agg_stats_are_numerically_safe(device, dtype, layout, size):
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("layout", ["nchw", "cl", "crop"])
 @pytest.mark.parametrize("residual_layout", [None, "nchw", "cl"])
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
-def test_agg_apply(device, dtype, layout, residual_layout):
-    K.check_agg_apply(device, dtype, layout, residual_layout)
+def test_agg_apply(device, dtype, layout, residual_layout, in_place):
+    K.check_agg_apply(device, dtype, layout, residual_layout, in_place=in_place)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -98,9 +99,10 @@ def test_agg_backward_reduce(device, dtype, layout, with_out, size, c):
 @pytest.mark.parametrize("with_out", [False, True])
 @pytest.mark.parametrize("with_z_coef", [False, True])
 @pytest.mark.parametrize("size, c", [((2, 5, 7), None), (ALIGNED_SIZE, 16)])
+@pytest.mark.parametrize("in_place", [True, False])
 @pytest.mark.parametrize("device", DEVICES)
-def test_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, size, c):
-    K.check_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, size=size, c=c)
+def test_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, size, c, in_place):
+    K.check_agg_backward_dz(device, dtype, layout, with_out, with_z_coef, size=size, c=c, in_place=in_place)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

@@ -201,6 +201,17 @@ def test_agg_apply_(device, dtype, layout, residual):
     check("agg_apply_", [z, vector(c, dtype, device), vector(c, dtype, device), res], inplace=True)
 
 
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_agg_apply_out_of_place(device, layout, residual):
+    c = 40
+    z = activation((N, c, H, W), torch.float32, device, layout)
+    before = z.clone()
+    res = activation((N, c, H, W), torch.float32, device, "crop") if residual else None
+    check("agg_apply", [z, vector(c, z.dtype, device), vector(c, z.dtype, device), res])
+    assert torch.equal(z, before)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
 @pytest.mark.parametrize("with_out", [False, True])
@@ -225,6 +236,18 @@ def test_agg_backward_dz_(device, dtype, with_out, with_coef):
     out = activation((N, c, H, W), dtype, device, "crop") if with_out else None
     coef, bias, mean = ([vector(c, dtype, device) for _ in range(3)] if with_coef else [None] * 3)
     check("agg_backward_dz_", [z, grad_out, out, vector(c, dtype, device), coef, bias, mean], inplace=True)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "cl"])
+def test_agg_backward_dz_out_of_place(device, layout):
+    c = 40
+    z = activation((N, c, H, W), torch.float32, device, layout)
+    before = z.clone()
+    grad_out = activation((N, c, H, W), torch.float32, device, "nchw")
+    out = activation((N, c, H, W), torch.float32, device, "crop")
+    coef, bias, mean = [vector(c, z.dtype, device) for _ in range(3)]
+    check("agg_backward_dz", [z, grad_out, out, vector(c, z.dtype, device), coef, bias, mean])
+    assert torch.equal(z, before)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -11,8 +11,10 @@ using CudaAggregation = Aggregation<CudaLoops>;
 TORCH_LIBRARY_IMPL(dla_fused, CUDA, m) {
   m.impl("agg_conv", &CudaAggregation::conv);
   m.impl("agg_apply_", &CudaAggregation::apply_);
+  m.impl("agg_apply", &CudaAggregation::apply);
   m.impl("agg_backward_reduce", &CudaAggregation::backward_reduce);
   m.impl("agg_backward_dz_", &CudaAggregation::backward_dz_);
+  m.impl("agg_backward_dz", &CudaAggregation::backward_dz);
   m.impl("agg_backward_gemm", &CudaAggregation::backward_gemm);
 }
 

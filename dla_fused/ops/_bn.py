@@ -70,16 +70,19 @@ def recompute_product(P, children: List[Tensor], weight2d: Tensor) -> Tensor:
 def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor], weight2d: Tensor,
              bn_weight: Tensor, mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
              residual: bool, group=None, count: Optional[int] = None, bn_grads: bool = True,
-             z: Optional[Tensor] = None) -> Tuple[List[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
+             z: Optional[Tensor] = None, z_kept: bool = False
+             ) -> Tuple[List[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of y = relu(bn(W x) (+ x_0)) given dL/dy = `grad`, with the ReLU mask taken from
-    `mask_src > 0` (None: `grad` is already masked). Recomputes z = W x from the children instead
-    of having it saved (or takes it as `z`; either way that buffer is overwritten). `count` is the
+    `mask_src > 0` (None: `grad` is already masked). Recomputes z = W x from the children into a
+    buffer that then receives dz (or takes that buffer as `z`), or, with `z_kept`, reads the `z`
+    the forward kept and leaves it unchanged (a retained graph can run backward again). `count` is the
     number of pixels the batch statistics were taken over (all ranks of `group`; default: this
     batch's). Returns (grad children, grad W (2-D), grad gamma,
     grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them."""
     invstd = torch.rsqrt(var + eps)
     scale = bn_weight.to(mean.dtype) * invstd
     need_z = batch_stats or bn_grads
+    kept = z is not None and z_kept
     if need_z:
         if z is None:
             z = recompute_product(P, children, weight2d)
@@ -90,18 +93,20 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
         if group is not None and batch_stats:
             sum_g, sum_gz = sum_g.clone(), sum_gz.clone()
             allreduce_sum_(group, sum_g, sum_gz)
-    elif z is None:
-        z = torch.empty_like(grad)
     if batch_stats:
         # dz = scale * (g - mean(g) - xhat * mean(g xhat)), xhat = (z - mean) * invstd, so
         # dz = scale * g + z_coef * (z - mean) + bias with the per-channel coefficients below.
         count = pixel_count(children[0]) if count is None else count
-        P.agg_backward_dz_(z, grad, mask_src, scale, -scale * invstd * invstd * sum_gz / count,
-                           -scale * sum_g / count, mean)
+        coefs = (-scale * invstd * invstd * sum_gz / count, -scale * sum_g / count, mean)
     else:
-        P.agg_backward_dz_(z, grad, mask_src, scale, None, None, None)
+        coefs = (None, None, None)
+    if kept:
+        dz = P.agg_backward_dz(z, grad, mask_src, scale, *coefs)
+    else:
+        dz = torch.empty_like(grad) if z is None else z
+        P.agg_backward_dz_(dz, grad, mask_src, scale, *coefs)
     residual_grad = (grad, mask_src) if residual else (None, None)
-    grad_children, grad_weight = P.agg_backward_gemm(z, children, weight2d, *residual_grad)
+    grad_children, grad_weight = P.agg_backward_gemm(dz, children, weight2d, *residual_grad)
     if not need_z:
         return grad_children, grad_weight, None, None
     return grad_children, grad_weight, grad_gamma, grad_beta

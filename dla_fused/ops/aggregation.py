@@ -49,101 +49,115 @@ def aggregation_node_reference(children: Sequence[Tensor], weight: Tensor, bn_we
 # ---------------------------------------------------------------------------------------------
 def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
              running_mean: Optional[Tensor], running_var: Optional[Tensor], batch_stats: bool,
-             eps: float, residual: bool, group=None) -> Tuple[Tensor, Tensor, Tensor, int]:
+             eps: float, residual: bool, keep_z: bool, group=None
+             ) -> Tuple[Tensor, Tensor, Tensor, int, Optional[Tensor]]:
+    """(out, mean, var, pixel count, z when kept for backward else None)."""
     weight2d = weight.flatten(1)
     res = children[0] if residual else None
     if batch_stats:
-        # Training: the product is written once, then normalised in place (no extra buffer).
-        out, mean, var, count = _bn.product_with_stats(P, children, weight2d, group)
+        z, mean, var, count = _bn.product_with_stats(P, children, weight2d, group)
         scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
-        P.agg_apply_(out, scale, shift, res)
-        return out, mean, var, count
+        if keep_z:  # the output in a buffer of its own: backward reads z instead of recomputing it
+            return P.agg_apply(z, scale, shift, res), mean, var, count, z
+        # memory-efficient: the product is normalised in place (no extra buffer), and recomputed
+        # in backward
+        P.agg_apply_(z, scale, shift, res)
+        return z, mean, var, count, None
     # Eval: BatchNorm folded into the weights, one GEMM with a bias + residual + ReLU epilogue.
     acc = acc_dtype(weight.dtype)
     mean, var = running_mean.to(acc), running_var.to(acc)
     scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
     folded = (weight2d.to(acc) * scale[:, None]).to(weight.dtype)
     out = P.agg_conv(children, folded, shift, res, True, False)[0]
-    return out, mean.clone(), var.clone(), _bn.pixel_count(children[0])
+    return out, mean.clone(), var.clone(), _bn.pixel_count(children[0]), None
 
 
-def _primitives(children: List[Tensor], batch_stats: bool, residual: bool, trial=None):
+def _primitives(children: List[Tensor], batch_stats: bool, residual: bool, keep_z: bool, trial=None):
     """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
     batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
     x = children[0]
-    key = (tuple(tuple(c.shape) for c in children), x.dtype, memory_format_of(x), batch_stats, residual)
+    if not backend.tunes(x.device):  # no key needed
+        return backend.primitives_for(x.device, "aggregation_node")
+    key = (tuple(tuple(c.shape) for c in children), x.dtype, memory_format_of(x), batch_stats, residual, keep_z)
     return backend.primitives_for(x.device, "aggregation_node", key, trial)
 
 
-def _trial(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual):
+def _trial(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z):
     def run(P):
-        out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
-                                     batch_stats, eps, residual)
+        out, mean, var, _, z = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                        batch_stats, eps, residual, keep_z)
         if batch_stats:  # out stands in for the incoming gradient
-            _bn.backward(P, out, out, children, weight.flatten(1), bn_weight, mean, var, eps, True, residual)
+            _bn.backward(P, out, out, children, weight.flatten(1), bn_weight, mean, var, eps, True, residual,
+                         z=z, z_kept=z is not None)
     return run
 
 
 @torch.library.custom_op("dla_fused::aggregation_node", mutates_args=())
 def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                          running_mean: Optional[Tensor], running_var: Optional[Tensor],
-                         batch_stats: bool, eps: float, residual: bool
-                         ) -> Tuple[Tensor, Tensor, Tensor]:
-    """Returns (out, mean, var): the statistics used (the batch's when batch_stats, else copies of
-    the running ones). Running statistics are not touched here: the caller updates them once."""
+                         batch_stats: bool, eps: float, residual: bool, keep_z: bool
+                         ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Returns (out, mean, var, z): the statistics used (the batch's when batch_stats, else copies
+    of the running ones) and the conv output when keep_z and batch_stats (else an empty tensor).
+    Running statistics are not touched here: the caller updates them once."""
+    keep_z = keep_z and batch_stats
     with _bn.no_autocast(children[0]):
-        P = _primitives(children, batch_stats, residual, _trial(
-            children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual))
-        out, mean, var, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
-                                     batch_stats, eps, residual)
-    return out, mean, var
+        P = _primitives(children, batch_stats, residual, keep_z, _trial(
+            children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z))
+        out, mean, var, _, z = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                        batch_stats, eps, residual, keep_z)
+    return out, mean, var, out.new_empty(0) if z is None else z
 
 
 @_aggregation_node_op.register_fake
-def _(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual):
+def _(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z):
     x = children[0]
     out = torch.empty((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), dtype=x.dtype,
                       device=x.device, memory_format=memory_format_of(x))
     stats = x.new_empty((weight.shape[0],), dtype=acc_dtype(x.dtype))
-    return out, stats, torch.empty_like(stats)
+    z = torch.empty_like(out) if keep_z and batch_stats else out.new_empty(0)
+    return out, stats, torch.empty_like(stats), z
 
 
 @torch.library.custom_op("dla_fused::aggregation_node_backward", mutates_args=())
 def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[Tensor], weight: Tensor,
-                                  bn_weight: Tensor, mean: Tensor, var: Tensor, batch_stats: bool,
+                                  bn_weight: Tensor, mean: Tensor, var: Tensor, z: Tensor, batch_stats: bool,
                                   eps: float, residual: bool, bn_grads: bool
                                   ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
-    P = _primitives(children, batch_stats, residual)  # the forward's choice, by key
+    """z: the forward's kept conv output, or an empty tensor (then it is recomputed)."""
+    keep_z = z.numel() > 0
+    P = _primitives(children, batch_stats, residual, keep_z)  # the forward's choice, by key
     grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
     with _bn.no_autocast(out):
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
-                                                     mean, var, eps, batch_stats, residual, bn_grads=bn_grads)
+                                                     mean, var, eps, batch_stats, residual, bn_grads=bn_grads,
+                                                     z=z if keep_z else None, z_kept=keep_z)
     if grad_g is None:
         grad_g = grad_b = mean.new_zeros(mean.shape)
     return grads, grad_w.view_as(weight), grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
 
 
 @_aggregation_node_backward_op.register_fake
-def _(grad_out, out, children, weight, bn_weight, mean, var, batch_stats, eps, residual, bn_grads):
+def _(grad_out, out, children, weight, bn_weight, mean, var, z, batch_stats, eps, residual, bn_grads):
     return ([torch.empty_like(c) for c in children], torch.empty_like(weight),
             torch.empty_like(bn_weight), torch.empty_like(bn_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    children, weight, bn_weight, _, _, _, batch_stats, eps, residual = inputs
-    out, mean, var = output
-    ctx.mark_non_differentiable(mean, var)
-    ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
+    children, weight, bn_weight, _, _, _, batch_stats, eps, residual, _ = inputs
+    out, mean, var, z = output
+    ctx.mark_non_differentiable(mean, var, z)
+    ctx.save_for_backward(out, mean, var, z, weight, bn_weight, *children)
     ctx.args = (batch_stats, eps, residual)
 
 
-def _backward(ctx, grad_out, _grad_mean, _grad_var):
-    out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_z):
+    out, mean, var, z, weight, bn_weight, *children = ctx.saved_tensors
     batch_stats, eps, residual = ctx.args
     bn_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     grads, grad_w, grad_g, grad_b = torch.ops.dla_fused.aggregation_node_backward(
-        grad_out, out, children, weight, bn_weight, mean, var, batch_stats, eps, residual, bn_grads)
-    return grads, grad_w, grad_g, grad_b, None, None, None, None, None
+        grad_out, out, children, weight, bn_weight, mean, var, z, batch_stats, eps, residual, bn_grads)
+    return grads, grad_w, grad_g, grad_b, None, None, None, None, None, None
 
 
 _aggregation_node_op.register_autograd(_backward, setup_context=_setup_context)
@@ -157,32 +171,37 @@ class _AggregationNodeFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, group, count_box, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
-                residual, *children):
+                residual, keep_z, *children):
         children = list(children)
+        keep_z = keep_z and batch_stats
         with _bn.no_autocast(children[0]):
-            P = _primitives(children, batch_stats, residual, _trial(
-                children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual))
-            out, mean, var, count = _forward(P, children, weight, bn_weight, bn_bias, running_mean,
-                                             running_var, batch_stats, eps, residual, group)
+            P = _primitives(children, batch_stats, residual, keep_z, _trial(
+                children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z))
+            out, mean, var, count, z = _forward(P, children, weight, bn_weight, bn_bias, running_mean,
+                                                running_var, batch_stats, eps, residual, keep_z, group)
         count_box.append(count)
-        ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
-        ctx.args = (P, group, batch_stats, eps, residual, count)
+        if z is None:
+            ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
+        else:
+            ctx.save_for_backward(out, mean, var, weight, bn_weight, z, *children)
+        ctx.args = (P, group, batch_stats, eps, residual, count, z is not None)
         ctx.mark_non_differentiable(mean, var)
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
+        P, group, batch_stats, eps, residual, count, kept = ctx.args
         out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
-        P, group, batch_stats, eps, residual, count = ctx.args
+        z = children.pop(0) if kept else None
         grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
         bn_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         with _bn.no_autocast(out):
             grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
                                                          mean, var, eps, batch_stats, residual, group=group,
-                                                         count=count, bn_grads=bn_grads)
+                                                         count=count, bn_grads=bn_grads, z=z, z_kept=kept)
         if grad_g is not None:
             grad_g, grad_b = grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
-        return (None, None, grad_w.view_as(weight), grad_g, grad_b, None, None, None, None, None, *grads)
+        return (None, None, grad_w.view_as(weight), grad_g, grad_b, None, None, None, None, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,11 +234,21 @@ def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, n
         _checks.more_than_one_value(children[0], "children[0]")
 
 
+# Default of `memory_efficient` per device type (others: True). Measured on the CPU
+# (benchmarks/RESULTS.md, "Keeping z or recomputing it"): keeping z saves one of the four matrix
+# products of a training step. Untested on GPUs, where recomputing stays the default.
+MEMORY_EFFICIENT_DEFAULT = {"cpu": False}
+
+
+def default_memory_efficient(device: torch.device) -> bool:
+    return MEMORY_EFFICIENT_DEFAULT.get(device.type, True)
+
+
 def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
                      running_mean: Optional[Tensor] = None, running_var: Optional[Tensor] = None,
                      num_batches_tracked: Optional[Tensor] = None, training: bool = True,
                      momentum: Optional[float] = 0.1, eps: float = 1e-5, residual: bool = False,
-                     process_group=None) -> Tensor:
+                     process_group=None, memory_efficient: Optional[bool] = None) -> Tensor:
     """Fused aggregation node: ``relu(bn(conv1x1(cat(children))) (+ children[0] if residual))``.
 
     Args:
@@ -234,12 +263,14 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
         training: batch statistics (True) or running statistics folded into the weights (False).
         residual: add children[0] (needs C_0 == C_out) before the ReLU.
         process_group: combine statistics over this torch.distributed group (like SyncBatchNorm).
+        memory_efficient: in training, True recomputes the conv output in backward (one more
+            matrix product), False keeps it for backward (one more (N, C_out, H, W) tensor
+            saved); None: the device's default, False on CPU (measured faster), True elsewhere.
 
     Returns (N, C_out, H, W) in the children's dtype. Under torch.autocast the children and weight
     are cast to the autocast dtype (float32 ones only, as autocast does). Saved for backward: the
-    children, weight, bn_weight, output and two per-channel statistics vectors; the conv output is
-    recomputed in backward. Every input error raises
-    before any state changes.
+    children, weight, bn_weight, output and two per-channel statistics vectors, plus the conv
+    output unless memory_efficient. Every input error raises before any state changes.
     """
     children = list(children) if isinstance(children, (list, tuple)) else children
     if isinstance(children, list) and children and isinstance(children[0], Tensor):
@@ -250,16 +281,21 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     batch_stats = training or running_mean is None
     _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
               batch_stats, momentum, eps, residual)
-    backend.resolve(children[0].device, "aggregation_node")  # raises if the backend cannot serve it
+    if memory_efficient is not None and not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be True, False or None, got {memory_efficient!r}")
+    device = children[0].device
+    backend.resolve(device, "aggregation_node")  # raises if the backend cannot serve it
+    keep_z = batch_stats and torch.is_grad_enabled() and not (
+        default_memory_efficient(device) if memory_efficient is None else memory_efficient)
     group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
-        out, mean, var = torch.ops.dla_fused.aggregation_node(
-            children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual)
+        out, mean, var, _ = torch.ops.dla_fused.aggregation_node(
+            children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z)
         count = _bn.pixel_count(children[0])
     else:
         count_box = []
         out, mean, var = _AggregationNodeFunction.apply(group, count_box, weight, bn_weight, bn_bias, running_mean,
-                                                        running_var, batch_stats, eps, residual, *children)
+                                                        running_var, batch_stats, eps, residual, keep_z, *children)
         count = count_box[0]
     if training:
         _bn.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
@@ -282,11 +318,13 @@ class AggregationNode(nn.Module):
     `in_channels` is the total input channel count, or a list of per-child counts (then checked
     on every call). A kernel size other than 1 cannot be fused and runs the reference path.
     `process_group` (optional) synchronises batch statistics like nn.SyncBatchNorm.
+    `memory_efficient` (None: the device's default) recomputes the conv output in backward
+    instead of keeping it (see `aggregation_node`).
     """
 
     def __init__(self, in_channels: Union[int, Sequence[int]], out_channels: int, kernel_size: int = 1,
                  residual: bool = False, process_group=None, momentum: Optional[float] = 0.1,
-                 eps: float = 1e-5):
+                 eps: float = 1e-5, memory_efficient: Optional[bool] = None):
         super().__init__()
         self.child_channels = None if isinstance(in_channels, int) else [int(c) for c in in_channels]
         total = in_channels if isinstance(in_channels, int) else sum(self.child_channels)
@@ -295,10 +333,11 @@ class AggregationNode(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=eps, momentum=momentum)
         self.residual = residual
         self.process_group = process_group
+        self.memory_efficient = memory_efficient
 
     @classmethod
     def from_modules(cls, conv: nn.Conv2d, bn: nn.BatchNorm2d, residual: bool = False,
-                     process_group=None) -> "AggregationNode":
+                     process_group=None, memory_efficient: Optional[bool] = None) -> "AggregationNode":
         """Wrap an existing bias-free Conv2d and BatchNorm2d (their parameters are shared)."""
         if conv.bias is not None or not is_plain_1x1(conv):
             raise ValueError("conv must be a bias-free, ungrouped 1x1 Conv2d (stride 1, no padding, no "
@@ -309,6 +348,7 @@ class AggregationNode(nn.Module):
         nn.Module.__init__(node)
         node.child_channels, node.conv, node.bn = None, conv, bn
         node.residual, node.process_group = residual, process_group
+        node.memory_efficient = memory_efficient
         return node
 
     def to_modules(self) -> Tuple[nn.Conv2d, nn.BatchNorm2d]:
@@ -332,7 +372,8 @@ class AggregationNode(nn.Module):
             return torch.relu(y + children[0] if self.residual else y)
         return aggregation_node(children, self.conv.weight, bn.weight, bn.bias, bn.running_mean,
                                 bn.running_var, bn.num_batches_tracked, bn.training, bn.momentum,
-                                bn.eps, self.residual, self.process_group)
+                                bn.eps, self.residual, self.process_group,
+                                getattr(self, "memory_efficient", None))
 
     def extra_repr(self) -> str:
         return f"residual={self.residual}" + ("" if self.fused else ", reference path (kernel_size != 1)")

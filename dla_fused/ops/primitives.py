@@ -71,6 +71,13 @@ def agg_apply_(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tenso
     z.copy_(torch.relu(y))
 
 
+def agg_apply(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]) -> Tensor:
+    y = z.to(scale.dtype) * _vec(scale) + _vec(shift)
+    if residual is not None:
+        y = y + residual.to(scale.dtype)
+    return _as_result(torch.relu(y), z)
+
+
 def agg_backward_reduce(grad_out: Tensor, out: Optional[Tensor], z: Tensor,
                         mean: Tensor) -> Tuple[Tensor, Tensor]:
     g = _masked_grad(grad_out, out, mean.dtype)
@@ -83,6 +90,14 @@ def agg_backward_dz_(z: Tensor, grad_out: Tensor, out: Optional[Tensor], scale: 
     if z_coef is not None:
         dz = dz + _vec(z_coef) * (z.to(scale.dtype) - _vec(mean)) + _vec(bias)
     z.copy_(dz)
+
+
+def agg_backward_dz(z: Tensor, grad_out: Tensor, out: Optional[Tensor], scale: Tensor,
+                    z_coef: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
+    dz = torch.empty_like(z)
+    dz.copy_(z)
+    agg_backward_dz_(dz, grad_out, out, scale, z_coef, bias, mean)
+    return dz
 
 
 def agg_backward_gemm(dz: Tensor, children: List[Tensor], weight: Tensor,
