@@ -6,7 +6,19 @@
 //     likewise; grad W_i = sum_n dZ_n X_i,n^T by bmm over chunks of the batch, each chunk summed
 //     over images in the accumulation type (float32 for half types).
 // Weight slices and their transposes are strided views (leading dimension sum C_i), not copies.
+//
+// On the CPU in float32, NCHW, with images of at most 64 pixels (with oneDNN available), the
+// products go through oneDNN's 1x1 convolution over the concatenated children instead
+// (at::convolution, at::convolution_backward), for the price of one copy of the children; the
+// gradients of the children are copied out of the concatenation's gradient, dense in each
+// child's layout. Measured (whole aggregation node, forward + backward, batch 8, float32, against
+// eager, interleaved): oneDNN 0.79-0.93x where the per-image bmm above gives 0.57-0.78x (roots at
+// 4x4 and 8x8 pixels, with up to 3328 input channels); at 16x16 and 32x32 pixels, and in
+// channels_last at every size, the BLAS products were as fast or faster (0.73-0.96x against
+// 0.71-0.94x) without the copies.
 #include "gemm.h"
+
+#include <ATen/Context.h>
 
 #include <algorithm>
 
@@ -59,11 +71,34 @@ at::Tensor weight_product(const at::Tensor& dzm, const at::Tensor& xm, bool chan
   return sum;
 }
 
+constexpr int64_t kOnednnMaxPixels = 64;  // per image, NCHW (see above)
+
+bool use_onednn(const at::Tensor& x, bool channels_last) {
+  return x.device().is_cpu() && x.scalar_type() == at::kFloat && !channels_last &&
+         x.size(2) * x.size(3) <= kOnednnMaxPixels && at::globalContext().userEnabledMkldnn() && at::hasMKLDNN();
+}
+
+// The children side by side in one (N, sum C_i, H, W) tensor laid out as `channels_last` says.
+at::Tensor concatenated(at::TensorList children, bool channels_last) {
+  std::vector<at::Tensor> parts;
+  for (const at::Tensor& c : children) parts.push_back(in_layout(c, channels_last));
+  if (parts.size() == 1) return parts[0];
+  return at::cat(parts, 1).contiguous(memory_format(channels_last));
+}
+
+const std::vector<int64_t> kOnes{1, 1}, kZeros{0, 0};
+
 }  // namespace
 
 at::Tensor conv1x1(at::TensorList children, const at::Tensor& weight, bool channels_last) {
   const at::Tensor& x0 = children[0];
   const at::Tensor w = weight.to(x0.scalar_type());
+  if (use_onednn(x0, channels_last)) {
+    const at::Tensor w4 = w.contiguous().view({w.size(0), w.size(1), 1, 1});
+    return at::convolution(concatenated(children, channels_last), w4, std::nullopt, kOnes, kZeros, kOnes, false,
+                           kZeros, 1)
+        .contiguous(memory_format(channels_last));
+  }
   at::Tensor z = at::empty({x0.size(0), w.size(0), x0.size(2), x0.size(3)},
                            x0.options().memory_format(memory_format(channels_last)));
   at::Tensor zm = as_matrices(z, channels_last);
@@ -81,6 +116,27 @@ std::tuple<std::vector<at::Tensor>, at::Tensor> conv1x1_backward(
     const at::Tensor& dz, at::TensorList children, const at::Tensor& weight,
     const at::Tensor& grad_first, bool channels_last) {
   const at::Tensor w = weight.to(dz.scalar_type());
+  if (use_onednn(dz, channels_last)) {
+    const at::Tensor w4 = w.contiguous().view({w.size(0), w.size(1), 1, 1});
+    const at::Tensor x = concatenated(children, channels_last);
+    auto [grad_x, grad_w4, unused] = at::convolution_backward(in_layout(dz, channels_last), x, w4, std::nullopt, kOnes,
+                                                              kZeros, kOnes, false, kZeros, 1, {true, true, false});
+    std::vector<at::Tensor> grads;
+    int64_t offset = 0;
+    for (size_t i = 0; i < children.size(); ++i) {
+      const int64_t c = children[i].size(1);
+      at::Tensor part = grad_x.narrow(1, offset, c);
+      offset += c;
+      at::Tensor grad = at::empty(part.sizes(), part.options().memory_format(memory_format(is_channels_last(children[i]))));
+      if (i == 0 && grad_first.defined()) {
+        at::add_out(grad, part, grad_first);
+      } else {
+        grad.copy_(part);
+      }
+      grads.push_back(grad);
+    }
+    return {grads, grad_w4.view({w.size(0), w.size(1)}).to(weight.scalar_type())};
+  }
   const at::Tensor dzm = as_matrices(dz, channels_last);
   const auto acc = acc_type(dz.scalar_type());
   at::Tensor grad_weight = at::empty(weight.sizes(), weight.options());
