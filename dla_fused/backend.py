@@ -5,11 +5,16 @@ Backends (each provides the primitives of dla_fused/ops/primitives.py under the 
   cuda       C++/CUDA kernels in csrc/cuda (CUDA tensors)
   triton     Triton kernels in kernels/ (CUDA tensors; CPU tensors under TRITON_INTERPRET=1)
   reference  the plain-PyTorch primitives (any device; the spec, not tuned for speed)
+  eager      no fusion: the op's plain-PyTorch reference composition with PyTorch's own autograd
+             (any device; what the unfused model runs), for an op no fused backend beats
   tune       measure: the first call of an op with a new shape key times one forward (+ backward
              when gradients are wanted) through every usable backend on that device, runs the
              fastest and keeps that choice for the key (`backend_info()` lists choices and times)
   auto       the default: `tune` on CUDA devices (among triton, cuda and reference); on CPU a fixed
              choice per op, measured (AUTO_ORDER_CPU; interpreted Triton is for tests, never picked)
+
+`eager` with a process group (synchronised statistics, which the plain composition cannot do) runs
+the fused op on the reference primitives.
 
 Choose with `set_backend(name)` or the environment variable DLA_FUSED_BACKEND; see what was built
 and what is selected, and why, with `backend_info()`. A call's forward and backward run on the
@@ -24,14 +29,14 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
-NAMES = ("auto", "tune", "triton", "cuda", "cpu", "reference")
-KERNELS = NAMES[2:]
-# `auto` on CPU, per op: the first usable of these. Chosen by measurement (`tune` on the benchmark
-# shapes, float32, both layouts; benchmarks/RESULTS.md): the C++ kernels are faster for the
-# aggregation node at all shapes but one, the plain-PyTorch primitives (whose transposed
-# convolution is oneDNN's) 1.4-3.3x faster for the IDA-Up step at all. On CUDA `auto` measures
-# every call's shape instead (`tune`).
-AUTO_ORDER_CPU = {"aggregation_node": ("cpu", "reference"), "ida_up": ("reference",)}
+NAMES = ("auto", "tune", "triton", "cuda", "cpu", "reference", "eager")
+KERNELS = NAMES[2:6]  # the primitive implementations that tuning measures
+# `auto` on CPU, per op: the first usable of these. Chosen by measurement (benchmarks/RESULTS.md,
+# float32, both layouts): the C++ kernels are the fastest for the aggregation node; for the IDA-Up
+# step no fused backend is as fast as PyTorch's own unfused ops on the CPU (the C++ kernels reach
+# 0.16-0.73x of eager, the plain-PyTorch primitives 0.45-0.81x, at the benchmark shapes), so it
+# runs unfused. On CUDA `auto` measures every call's shape instead (`tune`).
+AUTO_ORDER_CPU = {"aggregation_node": ("cpu", "reference"), "ida_up": ("eager",)}
 OPS = tuple(AUTO_ORDER_CPU)
 TUNE_REPEATS = 3
 PRIMITIVES = ("agg_conv", "agg_apply_", "agg_apply", "agg_backward_reduce", "agg_backward_dz_", "agg_backward_dz",
@@ -107,7 +112,7 @@ def not_supported_reasons(name: str, device_type: str) -> List[str]:
     reasons = []
     if device_type == "cuda" and not torch.cuda.is_available():
         reasons.append("no CUDA device is available")
-    if name == "reference":
+    if name in ("reference", "eager"):
         return reasons
     if name == "cpu":
         if device_type != "cpu":
@@ -135,6 +140,8 @@ def not_supported_reasons(name: str, device_type: str) -> List[str]:
 
 
 def _load(name: str):
+    if name == "eager":  # where it cannot run unfused (a process group): the reference primitives
+        name = "reference"
     if name not in _loaded:
         loader = {"cpu": _cpp_primitives, "cuda": _cpp_primitives,
                   "triton": _triton_primitives, "reference": _reference_primitives}[name]
@@ -270,7 +277,8 @@ def backend_info(print_it: bool = True) -> str:
                 lines.append(f"  {op} on {device_type}: measured per shape on first call, among {among}")
             else:
                 why = "requested" if get_backend() != "auto" else "auto's measured CPU choice"
-                lines.append(f"  {op} on {device_type}: {chosen} ({why})")
+                what = " (unfused: PyTorch's own ops)" if chosen == "eager" else ""
+                lines.append(f"  {op} on {device_type}: {chosen}{what} ({why})")
     for key, (winner, times) in _tuned.items():
         measured = ", ".join(f"{n} {t * 1e3:.3f} ms" for n, t in sorted(times.items(), key=lambda kv: kv[1]))
         lines.append(f"tuned {key[0]}:{key[2]} {key[3:]}: {winner} ({measured})")

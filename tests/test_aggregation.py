@@ -332,12 +332,14 @@ def test_module_kernel_size_3_runs_reference_path():
     assert_close(node(x, x), expected, "3x3 root")
 
 
-def test_synchronised_statistics_single_process_group():
-    """process_group with one rank gives exactly the unsynchronised result."""
+@pytest.mark.parametrize("backend_name, port", [("cpu", 29511), ("eager", 29512)])
+def test_synchronised_statistics_single_process_group(backend_name, port):
+    """process_group with one rank gives exactly the unsynchronised result (with `eager`, whose
+    plain composition cannot synchronise, on the fused op with the reference primitives)."""
     import torch.distributed as dist
-    use_backend("cpu")
+    use_backend(backend_name)
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method="tcp://127.0.0.1:29511", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         children, params, buffers = make_inputs([4, 4], 4)
         outs = []
@@ -347,6 +349,8 @@ def test_synchronised_statistics_single_process_group():
             bufs = copy.deepcopy(buffers)
             out = aggregation_node(kids, ps["weight"], ps["bn_weight"], ps["bn_bias"], bufs["running_mean"],
                                    bufs["running_var"], None, True, 0.1, 1e-5, True, process_group=group)
+            fused_node = "AggregationNodeFunction" in out.grad_fn.name()
+            assert fused_node == (group is not None or backend_name != "eager"), out.grad_fn.name()
             out.square().sum().backward()
             outs.append((out, [k.grad for k in kids] + [p.grad for p in ps.values()], bufs))
         (a, ga, ba), (b, gb, bb) = outs

@@ -88,23 +88,37 @@ def test_forward_and_backward_run_on_the_measured_winner(monkeypatch):
 
 
 def test_auto_measures_on_cuda_and_takes_its_measured_choice_per_op_on_cpu(monkeypatch):
-    """On CPU `auto` runs the aggregation node on the C++ kernels and the IDA-Up step on the
-    plain-PyTorch primitives (the faster of the two for each op, backend.AUTO_ORDER_CPU), without
-    timing anything."""
+    """On CPU `auto` runs the aggregation node on the C++ kernels and the IDA-Up step unfused,
+    through PyTorch's own ops (the fastest of each op's measured choices, backend.AUTO_ORDER_CPU),
+    without timing anything."""
     backend.set_backend("auto")
     for op in backend.OPS:
         assert backend.resolve(torch.device("cuda"), op) == "tune"
     assert backend.resolve(torch.device("cpu"), "aggregation_node") == "cpu"
-    assert backend.resolve(torch.device("cpu"), "ida_up") == "reference"
+    assert backend.resolve(torch.device("cpu"), "ida_up") == "eager"
     assert backend._usable("cpu") == ["triton", "cpu", "reference"]  # what `tune` would measure here
     used = {name: _counting(name, monkeypatch) for name in ("reference", "cpu")}
     _node(*_node_inputs()).sum().backward()
     x = torch.randn(2, 6, 4, 3, requires_grad=True)
-    ida_up(x, up_weight=torch.randn(6, 1, 4, 4), factor=2).sum().backward()
+    up = torch.randn(6, 1, 4, 4, requires_grad=True)
+    out = ida_up(x, up_weight=up, factor=2)
+    assert out.grad_fn.name() == "ConvolutionBackward0"  # PyTorch's own graph, no fused node
+    out.sum().backward()
     # the CPU default keeps z for backward (memory_efficient=False): the out-of-place primitives
     assert set(used["cpu"]) == {"agg_conv", "agg_apply", "agg_backward_reduce", "agg_backward_dz",
                                 "agg_backward_gemm"}
-    assert set(used["reference"]) == {"ida_upsample", "ida_upsample_backward"}
+    assert used["reference"] == []  # no primitive: the IDA-Up step ran unfused
     assert backend.tuned_choices() == {}  # nothing is timed on the CPU under auto
     info = backend.backend_info(print_it=False)
-    assert "aggregation_node on cpu: cpu" in info and "ida_up on cpu: reference" in info
+    assert "aggregation_node on cpu: cpu" in info and "ida_up on cpu: eager (unfused" in info
+
+
+def test_eager_backend_runs_the_unfused_ops():
+    """`eager` runs the plain composition (PyTorch's autograd graph); with a process group, which
+    that composition cannot serve, the fused op runs on the reference primitives
+    (test_aggregation.py: test_synchronised_statistics_single_process_group)."""
+    backend.set_backend("eager")
+    children, weight, gamma, beta = _node_inputs()
+    out = _node(children, weight, gamma, beta)
+    assert out.grad_fn.name() == "ReluBackward0"
+    assert backend.primitives_for(torch.device("cpu"), "aggregation_node") is backend._load("reference")

@@ -284,10 +284,13 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     if memory_efficient is not None and not isinstance(memory_efficient, bool):
         raise TypeError(f"memory_efficient must be True, False or None, got {memory_efficient!r}")
     device = children[0].device
-    backend.resolve(device, "aggregation_node")  # raises if the backend cannot serve it
+    chosen = backend.resolve(device, "aggregation_node")  # raises if the backend cannot serve it
+    group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
+    if chosen == "eager" and group is None:  # unfused
+        return aggregation_node_reference(children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                          num_batches_tracked, training, momentum, eps, residual)
     keep_z = batch_stats and torch.is_grad_enabled() and not (
         default_memory_efficient(device) if memory_efficient is None else memory_efficient)
-    group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only
     if torch.compiler.is_compiling() and group is None:
         out, mean, var, _ = torch.ops.dla_fused.aggregation_node(
             children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z)

@@ -291,11 +291,14 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
     batch_stats = training or running_mean is None
     _validate(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked, batch_stats,
               momentum, eps, up_weight, factor, skip)
-    backend.resolve(x.device, "ida_up")  # raises if the selected backend cannot serve this device
+    chosen = backend.resolve(x.device, "ida_up")  # raises if the selected backend cannot serve this device
     if identity:  # as the reference: x itself, no copy, no cast
         return x if skip is None else x + skip
     # like nn.SyncBatchNorm: synchronise in training only
     group = process_group if proj_weight is not None and training else None
+    if chosen == "eager" and group is None:  # unfused
+        return ida_up_reference(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
+                                training, momentum, eps, up_weight, factor, skip)
     if torch.compiler.is_compiling() and group is None:
         out, mean, var = torch.ops.dla_fused.ida_up(x, proj_weight, bn_weight, bn_bias, running_mean,
                                                     running_var, batch_stats, eps, up_weight, factor, skip)
