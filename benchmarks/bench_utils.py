@@ -31,10 +31,20 @@ RESULTS: List[Dict] = []
 
 def fused_backends() -> List[str]:
     """The device's fused backends, and `auto` (the default: measured per call on a GPU, a
-    measured choice per op on the CPU)."""
+    measured choice per op on the CPU), then `+lean` variants: memory_efficient=True (the
+    aggregation node recomputes its conv output in backward) where the device's default keeps it
+    (the CPU)."""
     from dla_fused import backend
+    from dla_fused.ops.aggregation import default_memory_efficient
     names = ("triton", "cuda") if GPU else ("cpu",)
-    return [n for n in names if not backend.not_supported_reasons(n, DEVICE.type)] + ["auto"]
+    usable = [n for n in names if not backend.not_supported_reasons(n, DEVICE.type)]
+    lean = [] if default_memory_efficient(DEVICE) else [f"{n}+lean" for n in usable]
+    return usable + ["auto"] + lean
+
+
+def lean(provider: str) -> bool:
+    """Whether `provider` runs the aggregation node with memory_efficient=True."""
+    return "+lean" in provider
 
 
 def select_backend(provider: str) -> None:
@@ -87,6 +97,25 @@ def interleaved(benchmark, fns: Fns, inner: int) -> Dict[Tuple[str, str], List[f
 
 
 _libc = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
+
+
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
+
+
+def settle_allocator() -> None:
+    """Make every CPU figure independent of what ran before it in the process. glibc serves large
+    blocks with fresh mmap'ed memory that page-faults on first touch and returns freed memory to
+    the system, adapting both thresholds to the blocks freed so far; so the same case measured
+    alone or early in a run was up to 2x slower (eager aggregation node, 8x64x32x32, NCHW:
+    7.8-10 ms) than measured later in the full run (4.5-5 ms). Here freed memory is kept and reused
+    (both thresholds fixed at 1 GiB), as a caching allocator (jemalloc, tcmalloc, PyTorch's own on
+    GPUs) does: no provider pays page faults on its temporaries, which favours the provider with
+    more temporaries (eager). Peak memory stays comparable: peak_memory() returns the free
+    memory to the system before each measurement."""
+    if _libc is None or GPU:
+        return
+    _libc.mallopt(M_MMAP_THRESHOLD, 1 << 30)
+    _libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
 
 
 def _proc_status(key: str) -> int:

@@ -18,6 +18,7 @@ import bench_summary as bs  # noqa: E402
 import bench_utils as bu  # noqa: E402
 
 OUT = os.environ.get("DLA_BENCH_OUT", os.path.join("runs", "bench"))
+bu.settle_allocator()
 
 
 def pytest_collection_modifyitems(items):

@@ -1,8 +1,10 @@
 """Model level: one training step (forward, backward, SGD update) of dla34, dla34up and the
 CenterNet-style dla34, reference vs fused, eager vs torch.compile, each in NCHW and channels_last:
-images/s and peak memory. One test per network times all of them in interleaved rounds
-(bench_utils.interleaved). Eager's record lists the network's fused parts (aggregation nodes,
-IDA-Up steps) as op benchmark cases, for the share of its step they take (bench_summary.shares)."""
+images/s, peak memory and the bytes autograd saves for backward. One test per network times all of
+them in interleaved rounds (bench_utils.interleaved). Eager's record lists the network's fused
+parts (aggregation nodes, IDA-Up steps) as op benchmark cases, for the share of its step they take
+(bench_summary.shares). Then inference: eval mode under torch.inference_mode, at the sizes
+CenterNet-style and segmentation models are deployed at."""
 import os
 
 import pytest
@@ -11,6 +13,8 @@ import torch.nn.functional as F
 
 import bench_utils as bu
 import dla_fused
+from dla_fused.ops.aggregation import AggregationNode
+from dla_fused.profiling import saved_bytes
 from test_ops import fused_parts
 
 MODELS = {"dla34": dict(num_classes=1000), "dla34up": dict(num_classes=19),
@@ -34,22 +38,34 @@ def _providers(name):
     return [p for p in providers if COMPILE_ALL or name == "dla34" or not p.endswith("compiled")]
 
 
-def _step(name, provider, memory_format):
-    """One training step of a fresh model `name` as `provider` runs it, in `memory_format`."""
+def _model(name, provider, memory_format):
     torch.manual_seed(0)
     model = dla_fused.create_model(name, fused=provider.startswith("fused"), **MODELS[name])
-    model = model.to(bu.DEVICE).train().to(memory_format=memory_format)
+    for module in model.modules():
+        if isinstance(module, AggregationNode) and bu.lean(provider):
+            module.memory_efficient = True
+    return model.to(bu.DEVICE).to(memory_format=memory_format)
+
+
+def _step(name, provider, memory_format):
+    """One training step of a fresh model `name` as `provider` runs it, in `memory_format`, and
+    its forward alone (for the bytes saved for backward)."""
+    model = _model(name, provider, memory_format).train()
     net = torch.compile(model, dynamic=False) if provider.endswith("compiled") else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     images = torch.randn(bu.MODEL_BATCH, 3, bu.MODEL_IMAGE, bu.MODEL_IMAGE, device=bu.DEVICE)
     images = images.contiguous(memory_format=memory_format)
 
-    def step():
+    def forward():
         with torch.autocast(bu.DEVICE.type, dtype=bu.DTYPE, enabled=bu.GPU):
-            loss = _loss(net(images))
+            return _loss(net(images))
+
+    def step():
+        loss = forward()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+    step.forward, step.exclude = forward, list(model.parameters()) + [images]
     return step
 
 
@@ -64,7 +80,36 @@ def test_training_step(benchmark, name):
     # the op benchmarks measured the fused parts at the same shapes only when the sizes agree
     same_sizes = (bu.MODEL_BATCH, bu.MODEL_IMAGE) == (bu.OP_BATCH, bu.OP_IMAGE)
     parts = fused_parts(name, bu.MODEL_BATCH, bu.MODEL_IMAGE, **MODELS[name]) if same_sizes else None
-    for layout, provider in fns:
+    for (layout, provider), fn in fns.items():
+        bu.select_backend(provider)
+        saved = None if provider.endswith("compiled") else saved_bytes(fn.forward, exclude=fn.exclude)
         bu.record("training step", case, layout, "train step", provider, times[layout, provider],
-                  memory=memory and memory[layout, provider], images=bu.MODEL_BATCH,
+                  memory=memory and memory[layout, provider], saved=saved, images=bu.MODEL_BATCH,
                   parts=parts if provider == "eager" else None)
+
+
+# (network, batch, image size): classification at 224 px, one image and a batch; the dense
+# networks on one 512 px image, as CenterNet and segmentation models run.
+INFERENCE = [("dla34", 1, 224), ("dla34", 8, 224), ("centernet_dla34", 1, 512), ("dla34up", 1, 512)]
+
+
+def _inference(name, provider, memory_format, batch, image):
+    model = _model(name, provider, memory_format).eval()
+    images = torch.randn(batch, 3, image, image, device=bu.DEVICE).contiguous(memory_format=memory_format)
+
+    def run():
+        with torch.inference_mode(), torch.autocast(bu.DEVICE.type, dtype=bu.DTYPE, enabled=bu.GPU):
+            model(images)
+    return run
+
+
+@pytest.mark.parametrize("name, batch, image", INFERENCE, ids=[f"{n}-{b}x{i}" for n, b, i in INFERENCE])
+def test_inference(benchmark, name, batch, image):
+    providers = ["eager"] + [f"fused:{b}" for b in bu.fused_backends() if not bu.lean(b)]
+    fns = {(layout, p): _inference(name, p, memory_format, batch, image)
+           for layout, memory_format in bu.LAYOUTS.items() for p in providers}
+    benchmark.group = f"inference {name} {batch}x{image}"
+    times = bu.interleaved(benchmark, fns, 1)
+    case = f"{name} {batch}x3x{image}x{image}"
+    for layout, provider in fns:
+        bu.record("inference", case, layout, "eval fwd", provider, times[layout, provider], images=batch)

@@ -14,7 +14,9 @@ from dla_fused.ops.ida_up import ida_up, ida_up_reference
 from dla_fused.profiling import saved_bytes
 
 INNER = 10 if bu.GPU else 2
-MODES = ["fwd", "bwd", "fwd+bwd"]
+# "eval": the forward in eval mode (running statistics) under torch.inference_mode, as inference
+# runs it; the others in training mode.
+MODES = ["fwd", "bwd", "fwd+bwd", "eval"]
 # Backward alone is timed by replaying one graph (retain_graph=True), which compiled graphs refuse
 # when they donate their buffers to the backward.
 torch._functorch.config.donated_buffer = False
@@ -106,8 +108,10 @@ def fused_parts(name, batch, image, **kwargs):
     return parts
 
 
-def _providers():
-    return ["eager", "compiled"] + [f"fused:{b}" for b in bu.fused_backends()]
+def _providers(with_lean=True):
+    """Eager, compiled and the fused backends; the `+lean` ones only where they differ (the
+    aggregation node in training)."""
+    return ["eager", "compiled"] + [f"fused:{b}" for b in bu.fused_backends() if with_lean or not bu.lean(b)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -139,6 +143,11 @@ def _op(provider, reference, fused):
 
 def _timed(mode, call, inputs):
     """The function timed for `mode` of `call()` (the forward, returning the output)."""
+    if mode == "eval":
+        def inference():
+            with torch.inference_mode():
+                return call()
+        return inference
     if mode == "fwd":
         return call
     out = call()
@@ -172,12 +181,14 @@ def _measure(benchmark, group, case, mode, calls, min_bytes):
 def test_aggregation_node(benchmark, case, mode):
     calls = {}
     for layout, memory_format in bu.LAYOUTS.items():
-        for provider in _providers():
+        for provider in _providers(with_lean=mode != "eval"):
             children, weight, gamma, beta, stats, residual, inputs, min_bytes = _agg_inputs(case, memory_format)
             fn = _op(provider, aggregation_node_reference, aggregation_node)
+            if bu.lean(provider):
+                fn = functools.partial(fn, memory_efficient=True)
             calls[layout, provider] = (functools.partial(
-                fn, children, weight, gamma, beta, stats["running_mean"], stats["running_var"], None, True,
-                0.1, 1e-5, residual), inputs)
+                fn, children, weight, gamma, beta, stats["running_mean"], stats["running_var"], None,
+                mode != "eval", 0.1, 1e-5, residual), inputs)
     benchmark.group = f"aggregation {case} {mode}"
     _measure(benchmark, "aggregation node", case, mode, calls, min_bytes)
 
@@ -211,12 +222,12 @@ def _ida_inputs(case, layout):
 def test_ida_up_step(benchmark, case, mode):
     calls = {}
     for layout, memory_format in bu.LAYOUTS.items():
-        for provider in _providers():
+        for provider in _providers(with_lean=False):
             args, factor, inputs, min_bytes = _ida_inputs(case, memory_format)
             fn = _op(provider, ida_up_reference, ida_up)
             calls[layout, provider] = (functools.partial(
                 fn, args["x"], args.get("proj_weight"), args.get("bn_weight"), args.get("bn_bias"),
-                args.get("running_mean"), args.get("running_var"), None, True, 0.1, 1e-5, args["up_weight"],
-                factor, args.get("skip")), inputs)
+                args.get("running_mean"), args.get("running_var"), None, mode != "eval", 0.1, 1e-5,
+                args["up_weight"], factor, args.get("skip")), inputs)
     benchmark.group = f"ida {case} {mode}"
     _measure(benchmark, "IDA-Up step", case, mode, calls, min_bytes)

@@ -88,29 +88,41 @@ def test_forward_and_backward_run_on_the_measured_winner(monkeypatch):
 
 
 def test_auto_measures_on_cuda_and_takes_its_measured_choice_per_op_on_cpu(monkeypatch):
-    """On CPU `auto` runs the aggregation node on the C++ kernels and the IDA-Up step unfused,
-    through PyTorch's own ops (the fastest of each op's measured choices, backend.AUTO_ORDER_CPU),
-    without timing anything."""
+    """On CPU `auto` runs both ops unfused, through PyTorch's own ops (measured faster than every
+    fused backend there, backend.AUTO_ORDER_CPU), without timing anything."""
     backend.set_backend("auto")
     for op in backend.OPS:
         assert backend.resolve(torch.device("cuda"), op) == "tune"
-    assert backend.resolve(torch.device("cpu"), "aggregation_node") == "cpu"
-    assert backend.resolve(torch.device("cpu"), "ida_up") == "eager"
+        assert backend.resolve(torch.device("cpu"), op) == "eager"
     assert backend._usable("cpu") == ["triton", "cpu", "reference"]  # what `tune` would measure here
     used = {name: _counting(name, monkeypatch) for name in ("reference", "cpu")}
-    _node(*_node_inputs()).sum().backward()
+    out = _node(*_node_inputs())
+    assert out.grad_fn.name() == "ReluBackward0"  # PyTorch's own graph, no fused node
+    out.sum().backward()
     x = torch.randn(2, 6, 4, 3, requires_grad=True)
     up = torch.randn(6, 1, 4, 4, requires_grad=True)
     out = ida_up(x, up_weight=up, factor=2)
-    assert out.grad_fn.name() == "ConvolutionBackward0"  # PyTorch's own graph, no fused node
+    assert out.grad_fn.name() == "ConvolutionBackward0"
     out.sum().backward()
-    # the CPU default keeps z for backward (memory_efficient=False): the out-of-place primitives
-    assert set(used["cpu"]) == {"agg_conv", "agg_apply", "agg_backward_reduce", "agg_backward_dz",
-                                "agg_backward_gemm"}
-    assert used["reference"] == []  # no primitive: the IDA-Up step ran unfused
+    assert used["reference"] == [] and used["cpu"] == []  # no primitive ran
     assert backend.tuned_choices() == {}  # nothing is timed on the CPU under auto
     info = backend.backend_info(print_it=False)
-    assert "aggregation_node on cpu: cpu" in info and "ida_up on cpu: eager (unfused" in info
+    assert "aggregation_node on cpu: eager (unfused" in info and "ida_up on cpu: eager (unfused" in info
+
+
+def test_cpu_kernels_keep_z_by_default_and_recompute_when_memory_efficient(monkeypatch):
+    """On the CPU the aggregation node keeps its conv output for backward unless
+    memory_efficient=True: the out-of-place primitives, and no second product in backward."""
+    backend.set_backend("cpu")
+    for memory_efficient, expected in ((None, ["agg_conv", "agg_apply", "agg_backward_reduce", "agg_backward_dz",
+                                               "agg_backward_gemm"]),
+                                       (True, ["agg_conv", "agg_apply_", "agg_conv", "agg_backward_reduce",
+                                               "agg_backward_dz_", "agg_backward_gemm"])):
+        used = _counting("cpu", monkeypatch)
+        children, weight, gamma, beta = _node_inputs()
+        aggregation_node(children, weight, gamma, beta, torch.zeros(6), torch.ones(6), None, True, 0.1, 1e-5,
+                         True, memory_efficient=memory_efficient).sum().backward()
+        assert used == expected
 
 
 def test_eager_backend_runs_the_unfused_ops():

@@ -98,3 +98,21 @@ def test_share_of_the_fused_parts_in_a_model_step():
     assert "100.0 ms" in row and row.split()[-3:] == ["40%", "1.67x", "0.91x"]
     # a part without its op benchmark (other sizes, a stopped run): no row rather than a wrong share
     assert bs.shares(results[2:]) == []
+
+
+def test_saved_bytes_targets_judge_the_named_provider():
+    """A target naming a provider judges that one (the default mode, or the lean mode), not the
+    fastest; saved bytes are one measurement, so the verdict is met or MISSED, never inconclusive."""
+    def step(provider, saved, times):
+        r = _record("dla34 8x3x128x128", "NCHW", provider, times, group="training step", mode="train step")
+        r["saved"] = saved
+        return r
+    results = [step("eager", 100, [1.0] * 3), step("fused:auto", 96, [1.0] * 3),
+               step("fused:cpu+lean", 84, [2.0] * 3), step("fused:cpu", 90, [0.5] * 3)]
+    lines = bs.check_targets(results, "cpu")
+    saved = [line for line in lines if "bytes for backward" in line]
+    assert any("MISSED" in line and "fused:auto saves 0.96x" in line and "<= 0.95x" in line for line in saved), saved
+    assert any("met" in line and "fused:cpu+lean saves 0.84x" in line and "<= 0.85x" in line for line in saved)
+    assert len(saved) == 2  # the dla34up and CenterNet lean targets match no case here
+    speed = [line for line in lines if "eager's speed" in line]
+    assert len(speed) == 1 and "fused:cpu 2.00x" in speed[0]  # the fastest fused provider

@@ -18,6 +18,15 @@ SMALL = dict(model="dla34", image_size=32, batch_size=8, num_samples=64, lr=0.01
              device="cpu")
 
 
+@pytest.fixture(autouse=True)
+def _fused_kernels(monkeypatch):
+    """`auto` runs both ops unfused on the CPU: the fused models here run the C++ kernels, in this
+    process and in the processes it starts."""
+    from dla_fused import backend
+    monkeypatch.setenv("DLA_FUSED_BACKEND", "cpu")
+    backend._requested = None
+
+
 def _losses(log_path):
     with open(log_path) as f:
         return [row["loss"] for row in map(json.loads, f) if row["kind"] == "step"]
