@@ -39,9 +39,9 @@ def aggregation_node_reference(children: Sequence[Tensor], weight: Tensor, bn_we
             factor = 1.0 / float(num_batches_tracked)
     y = F.batch_norm(z, running_mean, running_var, bn_weight, bn_bias,
                      training or running_mean is None, factor, eps)
-    if residual:
-        y = y + children[0]
-    return torch.relu(y)
+    if residual:  # in place, as DLA's Root does (BatchNorm's backward does not read its output)
+        y += children[0]
+    return torch.relu_(y)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,7 +39,7 @@ def ida_up_reference(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight:
             num_batches_tracked.add_(1)
             if momentum is None:
                 factor_bn = 1.0 / float(num_batches_tracked)
-        p = torch.relu(F.batch_norm(F.conv2d(x, proj_weight), running_mean, running_var, bn_weight,
+        p = torch.relu_(F.batch_norm(F.conv2d(x, proj_weight), running_mean, running_var, bn_weight,
                                     bn_bias, training or running_mean is None, factor_bn, eps))
     if up_weight is not None:
         p = F.conv_transpose2d(p, up_weight, stride=factor, padding=factor // 2, groups=p.shape[1])
