@@ -40,20 +40,20 @@ def _providers(name):
 
 def _model(name, provider, memory_format):
     torch.manual_seed(0)
-    model = dla_fused.create_model(name, fused=provider.startswith("fused"), **MODELS[name])
+    model = dla_fused.create_model(name, fused=provider.startswith("fused"), **MODELS.get(name, {}))
     for module in model.modules():
         if isinstance(module, AggregationNode) and bu.lean(provider):
             module.memory_efficient = True
     return model.to(bu.DEVICE).to(memory_format=memory_format)
 
 
-def _step(name, provider, memory_format):
+def _step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MODEL_IMAGE, bu.MODEL_IMAGE)):
     """One training step of a fresh model `name` as `provider` runs it, in `memory_format`, and
     its forward alone (for the bytes saved for backward)."""
     model = _model(name, provider, memory_format).train()
     net = torch.compile(model, dynamic=False) if provider.endswith("compiled") else model
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
-    images = torch.randn(bu.MODEL_BATCH, 3, bu.MODEL_IMAGE, bu.MODEL_IMAGE, device=bu.DEVICE)
+    images = torch.randn(batch, 3, *size, device=bu.DEVICE)
     images = images.contiguous(memory_format=memory_format)
 
     def forward():
@@ -86,6 +86,24 @@ def test_training_step(benchmark, name):
         bu.record("training step", case, layout, "train step", provider, times[layout, provider],
                   memory=memory and memory[layout, provider], saved=saved, images=bu.MODEL_BATCH,
                   parts=parts if provider == "eager" else None)
+
+
+# Shapes nothing was tuned for: another variant, another batch size, a non-square input.
+UNTUNED = [("dla46_c", 8, (128, 128)), ("dla34", 4, (96, 160))]
+
+
+@pytest.mark.parametrize("name, batch, size", UNTUNED, ids=[f"{n}-{b}x{h}x{w}" for n, b, (h, w) in UNTUNED])
+def test_training_step_untuned(benchmark, name, batch, size):
+    providers = ["eager"] + [f"fused:{b}" for b in bu.fused_backends()]
+    fns = {(layout, p): _step(name, p, memory_format, batch, size)
+           for layout, memory_format in bu.LAYOUTS.items() for p in providers}
+    benchmark.group = f"train step {name} {batch}x{size}"
+    times = bu.interleaved(benchmark, fns, 1)
+    case = f"{name} {batch}x3x{size[0]}x{size[1]}"
+    for (layout, provider), fn in fns.items():
+        bu.select_backend(provider)
+        bu.record("training step, untuned shapes", case, layout, "train step", provider, times[layout, provider],
+                  saved=saved_bytes(fn.forward, exclude=fn.exclude), images=batch)
 
 
 # (network, batch, image size): classification at 224 px, one image and a batch; the dense
