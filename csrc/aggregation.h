@@ -146,45 +146,14 @@ struct Aggregation {
 
   static void apply_(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                      const std::optional<at::Tensor>& residual) {
-    constexpr const char* op = "agg_apply_";
-    check_activation(op, "z", z);
-    check_dtype(op, Loops::kName, z.scalar_type());
-    check_channel_vector(op, "scale", scale, z.size(1), z);
-    check_channel_vector(op, "shift", shift, z.size(1), z);
-    check_activation_like(op, "residual", residual, z, z.sizes().vec());
-    typename Loops::Guard guard(z);
-
-    const bool cl = is_channels_last(z);
-    const at::Tensor work = in_layout(z, cl);
-    const at::Tensor res = in_layout(residual, cl);
-    map_channels<Loops>(op, work, work, res, {}, cl, [&](auto acc) {
-      using acc_t = decltype(acc);
-      return AffineOp<acc_t>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), res.defined(), true};
-    });
-    if (!work.is_same(z)) z.copy_(work);
+    apply_impl("agg_apply_", z, scale, shift, residual, /*in_place=*/true);
   }
 
   // Out of place: returns relu(z * scale + shift (+ residual)) in z's layout; z is kept (the
   // backward of the keep-z mode reads it).
   static at::Tensor apply(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
                           const std::optional<at::Tensor>& residual) {
-    constexpr const char* op = "agg_apply";
-    check_activation(op, "z", z);
-    check_dtype(op, Loops::kName, z.scalar_type());
-    check_channel_vector(op, "scale", scale, z.size(1), z);
-    check_channel_vector(op, "shift", shift, z.size(1), z);
-    check_activation_like(op, "residual", residual, z, z.sizes().vec());
-    typename Loops::Guard guard(z);
-
-    const bool cl = is_channels_last(z);
-    const at::Tensor zz = in_layout(z, cl);
-    const at::Tensor res = in_layout(residual, cl);
-    at::Tensor result = at::empty(zz.sizes(), zz.options().memory_format(memory_format(cl)));
-    map_channels<Loops>(op, result, zz, res, {}, cl, [&](auto acc) {
-      using acc_t = decltype(acc);
-      return AffineOp<acc_t>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), res.defined(), true};
-    });
-    return result;
+    return apply_impl("agg_apply", z, scale, shift, residual, /*in_place=*/false);
   }
 
   static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out,
@@ -221,61 +190,14 @@ struct Aggregation {
   static void backward_dz_(const at::Tensor& z, const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
                            const at::Tensor& scale, const std::optional<at::Tensor>& z_coef,
                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean) {
-    constexpr const char* op = "agg_backward_dz_";
-    check_activation(op, "z", z);
-    check_dtype(op, Loops::kName, z.scalar_type());
-    check_activation_like(op, "grad_out", grad_out, z, z.sizes().vec());
-    check_activation_like(op, "out", out, z, z.sizes().vec());
-    const int64_t C = z.size(1);
-    check_channel_vector(op, "scale", scale, C, z);
-    check_channel_vector(op, "z_coef", z_coef, C, z);
-    check_channel_vector(op, "bias", bias, C, z);
-    check_channel_vector(op, "mean", mean, C, z);
-    TORCH_CHECK(!z_coef || (bias && mean), "dla_fused::", op, ": z_coef needs bias and mean");
-    typename Loops::Guard guard(z);
-
-    const bool cl = is_channels_last(z);
-    const at::Tensor work = in_layout(z, cl);
-    const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl);
-    with_flag(o.defined(), [&](auto masked) {
-      map_channels<Loops>(op, work, g, o, z_coef ? work : at::Tensor(), cl, [&](auto acc) {
-        using acc_t = decltype(acc);
-        return GradOp<acc_t, decltype(masked)::value>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef),
-                                                      data_or_null<acc_t>(bias), data_or_null<acc_t>(mean)};
-      });
-    });
-    if (!work.is_same(z)) z.copy_(work);
+    dz_impl("agg_backward_dz_", z, grad_out, out, scale, z_coef, bias, mean, /*in_place=*/true);
   }
 
   // Out of place: returns dz = scale * g (+ z_coef * (z - mean) + bias) in z's layout, z unchanged.
   static at::Tensor backward_dz(const at::Tensor& z, const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
                                 const at::Tensor& scale, const std::optional<at::Tensor>& z_coef,
                                 const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean) {
-    constexpr const char* op = "agg_backward_dz";
-    check_activation(op, "z", z);
-    check_dtype(op, Loops::kName, z.scalar_type());
-    check_activation_like(op, "grad_out", grad_out, z, z.sizes().vec());
-    check_activation_like(op, "out", out, z, z.sizes().vec());
-    const int64_t C = z.size(1);
-    check_channel_vector(op, "scale", scale, C, z);
-    check_channel_vector(op, "z_coef", z_coef, C, z);
-    check_channel_vector(op, "bias", bias, C, z);
-    check_channel_vector(op, "mean", mean, C, z);
-    TORCH_CHECK(!z_coef || (bias && mean), "dla_fused::", op, ": z_coef needs bias and mean");
-    typename Loops::Guard guard(z);
-
-    const bool cl = is_channels_last(z);
-    const at::Tensor zz = in_layout(z, cl);
-    const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl);
-    at::Tensor result = at::empty(zz.sizes(), zz.options().memory_format(memory_format(cl)));
-    with_flag(o.defined(), [&](auto masked) {
-      map_channels<Loops>(op, result, g, o, z_coef ? zz : at::Tensor(), cl, [&](auto acc) {
-        using acc_t = decltype(acc);
-        return GradOp<acc_t, decltype(masked)::value>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef),
-                                                      data_or_null<acc_t>(bias), data_or_null<acc_t>(mean)};
-      });
-    });
-    return result;
+    return dz_impl("agg_backward_dz", z, grad_out, out, scale, z_coef, bias, mean, /*in_place=*/false);
   }
 
   static std::tuple<std::vector<at::Tensor>, at::Tensor> backward_gemm(const at::Tensor& dz, at::TensorList children,
@@ -312,6 +234,60 @@ struct Aggregation {
   }
 
  private:
+  // relu(z * scale + shift (+ residual)): into z itself (returned) or into a new tensor in z's layout.
+  static at::Tensor apply_impl(const char* op, const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
+                               const std::optional<at::Tensor>& residual, bool in_place) {
+    check_activation(op, "z", z);
+    check_dtype(op, Loops::kName, z.scalar_type());
+    check_channel_vector(op, "scale", scale, z.size(1), z);
+    check_channel_vector(op, "shift", shift, z.size(1), z);
+    check_activation_like(op, "residual", residual, z, z.sizes().vec());
+    typename Loops::Guard guard(z);
+
+    const bool cl = is_channels_last(z);
+    const at::Tensor zz = in_layout(z, cl);
+    const at::Tensor res = in_layout(residual, cl);
+    const at::Tensor result = in_place ? zz : at::empty(zz.sizes(), zz.options().memory_format(memory_format(cl)));
+    map_channels<Loops>(op, result, zz, res, {}, cl, [&](auto acc) {
+      using acc_t = decltype(acc);
+      return AffineOp<acc_t>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), res.defined(), true};
+    });
+    if (in_place && !result.is_same(z)) z.copy_(result);
+    return in_place ? z : result;
+  }
+
+  // dz = scale * g (+ z_coef * (z - mean) + bias): into z itself (returned) or into a new tensor.
+  static at::Tensor dz_impl(const char* op, const at::Tensor& z, const at::Tensor& grad_out,
+                            const std::optional<at::Tensor>& out, const at::Tensor& scale,
+                            const std::optional<at::Tensor>& z_coef, const std::optional<at::Tensor>& bias,
+                            const std::optional<at::Tensor>& mean, bool in_place) {
+    check_activation(op, "z", z);
+    check_dtype(op, Loops::kName, z.scalar_type());
+    check_activation_like(op, "grad_out", grad_out, z, z.sizes().vec());
+    check_activation_like(op, "out", out, z, z.sizes().vec());
+    const int64_t C = z.size(1);
+    check_channel_vector(op, "scale", scale, C, z);
+    check_channel_vector(op, "z_coef", z_coef, C, z);
+    check_channel_vector(op, "bias", bias, C, z);
+    check_channel_vector(op, "mean", mean, C, z);
+    TORCH_CHECK(!z_coef || (bias && mean), "dla_fused::", op, ": z_coef needs bias and mean");
+    typename Loops::Guard guard(z);
+
+    const bool cl = is_channels_last(z);
+    const at::Tensor zz = in_layout(z, cl);
+    const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl);
+    const at::Tensor result = in_place ? zz : at::empty(zz.sizes(), zz.options().memory_format(memory_format(cl)));
+    with_flag(o.defined(), [&](auto masked) {
+      map_channels<Loops>(op, result, g, o, z_coef ? zz : at::Tensor(), cl, [&](auto acc) {
+        using acc_t = decltype(acc);
+        return GradOp<acc_t, decltype(masked)::value>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef),
+                                                      data_or_null<acc_t>(bias), data_or_null<acc_t>(mean)};
+      });
+    });
+    if (in_place && !result.is_same(z)) z.copy_(result);
+    return in_place ? z : result;
+  }
+
   // Children: 4-D activations like `like` in dtype and device with children[0]'s N, H, W;
   // weight: (C_out, sum C_i). Returns C_out.
   static int64_t check_children_and_weight(const char* op, at::TensorList children, const at::Tensor& weight,
