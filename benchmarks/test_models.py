@@ -13,7 +13,6 @@ import torch.nn.functional as F
 
 import bench_utils as bu
 import dla_fused
-from dla_fused.ops.aggregation import AggregationNode
 from dla_fused.profiling import saved_bytes
 from test_ops import fused_parts
 
@@ -41,9 +40,8 @@ def _providers(name):
 def _model(name, provider, memory_format):
     torch.manual_seed(0)
     model = dla_fused.create_model(name, fused=provider.startswith("fused"), **MODELS.get(name, {}))
-    for module in model.modules():
-        if isinstance(module, AggregationNode) and bu.lean(provider):
-            module.memory_efficient = True
+    if bu.lean(provider):
+        dla_fused.set_memory_efficient(model, True)
     return model.to(bu.DEVICE).to(memory_format=memory_format)
 
 

@@ -102,6 +102,18 @@ def unfuse(model: nn.Module) -> nn.Module:
     return model
 
 
+def set_memory_efficient(model: nn.Module, memory_efficient: Optional[bool]) -> int:
+    """Set `memory_efficient` on every fused aggregation node of `model`: True recomputes each
+    node's conv output in backward (fewer bytes saved), False keeps it (one matrix product fewer),
+    None takes the device's default. Returns the number of nodes set."""
+    if memory_efficient is not None and not isinstance(memory_efficient, bool):
+        raise TypeError(f"memory_efficient must be True, False or None, got {memory_efficient!r}")
+    nodes = [m for m in model.modules() if isinstance(m, AggregationNode)]
+    for node in nodes:
+        node.memory_efficient = memory_efficient
+    return len(nodes)
+
+
 def is_fused(model: nn.Module) -> bool:
     return any(isinstance(m, AggregationNode) or _STEPS in m.__dict__ for m in model.modules())
 
