@@ -157,14 +157,22 @@ def _timed(mode, call, inputs):
     return lambda: torch.autograd.grad(call(), inputs, grad)
 
 
-def _measure(benchmark, group, case, mode, calls, min_bytes):
+# Not an implementation: eager's matrix products alone (its 1x1 convolution forward, and its
+# backward for fwd+bwd, on the concatenated input made beforehand), timed like the providers.
+# eager time / its time bounds what any fusion that runs the products at oneDNN's speed can gain.
+GEMMS = "eager GEMMs only"
+
+
+def _measure(benchmark, group, case, mode, calls, min_bytes, gemms=None):
     """Time `mode` of every (layout, provider) -> (call, inputs) in interleaved rounds, and in
-    fwd+bwd its peak memory and the bytes it saves for backward; record them."""
+    fwd+bwd its peak memory and the bytes it saves for backward; record them. `gemms`: {layout:
+    function} timed as the GEMMS row."""
     fns = {}
     for key, (call, inputs) in calls.items():
         bu.select_backend(key[1])
         fns[key] = _timed(mode, call, inputs)
-    times = bu.interleaved(benchmark, fns, INNER)
+    bounds = {(layout, GEMMS): fn for layout, fn in (gemms or {}).items()}
+    times = bu.interleaved(benchmark, {**fns, **bounds}, INNER)
     both = mode == "fwd+bwd"
     memory = bu.interleaved_memory(fns) if both else None
     for (layout, provider), (call, inputs) in calls.items():
@@ -174,13 +182,38 @@ def _measure(benchmark, group, case, mode, calls, min_bytes):
             saved = saved_bytes(call, exclude=inputs)
         bu.record(group, case, layout, mode, provider, times[layout, provider],
                   memory=memory and memory[layout, provider], saved=saved, min_bytes=min_bytes if both else None)
+    for key in bounds:
+        bu.record(group, case, key[0], mode, GEMMS, times[key])
+
+
+def _eager_gemms(mode, children, weight):
+    """Eager's matrix products of the node alone, for `mode` (fwd+bwd or eval), or None."""
+    if mode not in ("fwd+bwd", "eval"):
+        return None
+    x = torch.cat([c.detach() for c in children], dim=1)
+    w = weight.detach()
+    grad = torch.randn((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), device=x.device, dtype=x.dtype)
+    grad = grad.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
+                           and not x.is_contiguous() else torch.contiguous_format)
+
+    def run():
+        with torch.no_grad():
+            torch.nn.functional.conv2d(x, w)
+            if mode == "fwd+bwd":
+                torch.ops.aten.convolution_backward(grad, x, w, None, [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                                    [True, True, False])
+    return run
 
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(agg_cases()))
 def test_aggregation_node(benchmark, case, mode):
-    calls = {}
+    calls, gemms = {}, {}
     for layout, memory_format in bu.LAYOUTS.items():
+        children, weight = _agg_inputs(case, memory_format)[:2]
+        bound = _eager_gemms(mode, children, weight)
+        if bound is not None:
+            gemms[layout] = bound
         for provider in _providers(with_lean=mode != "eval"):
             children, weight, gamma, beta, stats, residual, inputs, min_bytes = _agg_inputs(case, memory_format)
             fn = _op(provider, aggregation_node_reference, aggregation_node)
@@ -190,7 +223,7 @@ def test_aggregation_node(benchmark, case, mode):
                 fn, children, weight, gamma, beta, stats["running_mean"], stats["running_var"], None,
                 mode != "eval", 0.1, 1e-5, residual), inputs)
     benchmark.group = f"aggregation {case} {mode}"
-    _measure(benchmark, "aggregation node", case, mode, calls, min_bytes)
+    _measure(benchmark, "aggregation node", case, mode, calls, min_bytes, gemms)
 
 
 def _ida_inputs(case, layout):
