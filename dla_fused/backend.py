@@ -33,9 +33,9 @@ NAMES = ("auto", "tune", "triton", "cuda", "cpu", "reference", "eager")
 KERNELS = NAMES[2:6]  # the primitive implementations that tuning measures
 # `auto` on CPU, per op: the first usable of these. Chosen by measurement (benchmarks/RESULTS.md,
 # float32, both layouts, interleaved against eager): no fused backend is yet as fast as PyTorch's
-# own ops on the CPU, so both ops run unfused there by default. The C++ kernels reach 0.73-0.96x
-# of eager for the aggregation node (forward + backward; a training step of dla34 0.97-0.99x,
-# with 4-15% fewer bytes saved for backward), the IDA-Up step 0.16-0.81x. `set_backend("cpu")`
+# own ops on the CPU, so both ops run unfused there by default. The C++ kernels reach 0.70-1.13x
+# of eager for the aggregation node (forward + backward; training steps 0.81-0.98x, with 7-10%
+# fewer bytes saved for backward), the IDA-Up step 0.11-0.69x. `set_backend("cpu")`
 # selects the C++ kernels for their memory savings. On CUDA `auto` measures every call's shape
 # instead (`tune`).
 AUTO_ORDER_CPU = {"aggregation_node": ("eager",), "ida_up": ("eager",)}
