@@ -293,6 +293,18 @@ def shares(results: List[Dict]) -> List[str]:
                           "step speed-up predicted from op medians"], rows)
 
 
+def launch_table(launches: List[Dict]) -> List[str]:
+    """Kernel launches per forward + backward of each op case and provider: Triton launches and
+    kernel-launching ATen ops (counted at dispatch, under the interpreter on the CPU), or the CUDA
+    kernels the profiler saw on a GPU."""
+    if not launches:
+        return []
+    rows = [[r["case"], r["provider"], str(r["triton"] + r["aten"]), str(r["triton"]), str(r["aten"]), r["counted"]]
+            for r in launches]
+    return [""] + _table("kernel launches per forward + backward (training mode)",
+                         ["case", "provider", "total", "Triton", "ATen / other", "counted by"], rows)
+
+
 def summary(results: List[Dict], device: str, memory_kind: str, copy_bandwidth: Optional[float] = None) -> List[str]:
     """The tables of every (group, mode) measured, the fused parts' share of the model steps, then
     the target verdicts."""

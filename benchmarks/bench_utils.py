@@ -27,6 +27,9 @@ ROUNDS = 20 if GPU else 7
 MEMORY_ROUNDS = 3 if GPU else 5  # CUDA's allocator statistics repeat exactly; the CPU's RSS does not
 
 RESULTS: List[Dict] = []
+# Kernel launches per forward + backward of an op (benchmarks/test_launches.py): dicts with group,
+# case, provider, counted ("interpreter" or "profiler"), triton, aten, kernels.
+LAUNCHES: List[Dict] = []
 
 
 def fused_backends() -> List[str]:

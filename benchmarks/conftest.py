@@ -12,6 +12,14 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
+import torch
+
+# Without a GPU the launch counts (test_launches.py) run the Triton kernels in Triton's
+# interpreter; it must be chosen before triton is first imported. Timing never uses it: on the
+# CPU no timed provider runs Triton.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 sys.path.insert(0, os.path.dirname(__file__))
 
 import bench_summary as bs  # noqa: E402
@@ -33,7 +41,7 @@ def summarize(results):
     env = bu.environment()
     memory_kind = "peak allocated" if bu.GPU else "peak RSS growth"
     return (["environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
-            + bs.summary(results, bu.DEVICE.type, memory_kind, bu.copy_bandwidth()))
+            + bs.summary(results, bu.DEVICE.type, memory_kind, bu.copy_bandwidth()) + bs.launch_table(bu.LAUNCHES))
 
 
 def _chart(results, path):
@@ -79,7 +87,7 @@ def _write_results():
     os.makedirs(OUT, exist_ok=True)
     lines = summarize(bu.RESULTS)
     with open(os.path.join(OUT, "results.json"), "w") as f:
-        json.dump({"environment": bu.environment(), "results": bu.RESULTS}, f, indent=1)
+        json.dump({"environment": bu.environment(), "results": bu.RESULTS, "launches": bu.LAUNCHES}, f, indent=1)
     with open(os.path.join(OUT, "summary.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return lines
@@ -91,13 +99,13 @@ _written = [0]
 def pytest_runtest_logfinish(nodeid, location):
     """Rewrite the files after every benchmark that recorded something, so that a run stopped
     part-way (a time limit, a crash) still leaves what it measured."""
-    if len(bu.RESULTS) > _written[0]:
-        _written[0] = len(bu.RESULTS)
+    if len(bu.RESULTS) + len(bu.LAUNCHES) > _written[0]:
+        _written[0] = len(bu.RESULTS) + len(bu.LAUNCHES)
         _write_results()
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not bu.RESULTS:
+    if not bu.RESULTS and not bu.LAUNCHES:
         return
     lines = _write_results()
     _chart(bu.RESULTS, os.path.join(OUT, "chart.png"))
