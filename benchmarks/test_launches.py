@@ -47,7 +47,6 @@ def _usable(provider):
 def test_aggregation_node_launches(case, provider):
     if not _usable(provider):
         pytest.skip(f"{provider} does not run on {bu.DEVICE.type}")
-    shapes, out, residual = agg_cases()[case]
     children, weight, gamma, beta, stats, residual, inputs, _ = _agg_inputs(case, torch.contiguous_format)
     if not bu.GPU:  # the same channels, a small batch and image
         children = [torch.randn(_small(c.shape), dtype=c.dtype).requires_grad_() for c in children]
@@ -74,7 +73,7 @@ def test_aggregation_node_launches(case, provider):
 def test_ida_up_launches(case, provider):
     if not _usable(provider):
         pytest.skip(f"{provider} does not run on {bu.DEVICE.type}")
-    shape, proj_out, factor, skip = ida_cases()[case]
+    shape = ida_cases()[case][0]
     args, factor, inputs, _ = _ida_inputs(case, torch.contiguous_format)
     if not bu.GPU:
         small = _small(shape)

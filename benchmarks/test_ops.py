@@ -11,6 +11,7 @@ import bench_utils as bu
 from dla_fused import models
 from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference
 from dla_fused.ops.ida_up import ida_up, ida_up_reference
+from dla_fused.ops.primitives import memory_format_of
 from dla_fused.profiling import saved_bytes
 
 INNER = 10 if bu.GPU else 2
@@ -193,8 +194,7 @@ def _eager_gemms(mode, children, weight):
     x = torch.cat([c.detach() for c in children], dim=1)
     w = weight.detach()
     grad = torch.randn((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), device=x.device, dtype=x.dtype)
-    grad = grad.contiguous(memory_format=torch.channels_last if x.is_contiguous(memory_format=torch.channels_last)
-                           and not x.is_contiguous() else torch.contiguous_format)
+    grad = grad.contiguous(memory_format=memory_format_of(x))
 
     def run():
         with torch.no_grad():

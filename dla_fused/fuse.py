@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from .ops import _checks
 from .ops.aggregation import AggregationNode, is_plain_1x1
 from .ops.ida_up import IDAUpStep
 
@@ -106,8 +107,7 @@ def set_memory_efficient(model: nn.Module, memory_efficient: Optional[bool]) -> 
     """Set `memory_efficient` on every fused aggregation node of `model`: True recomputes each
     node's conv output in backward (fewer bytes saved), False keeps it (one matrix product fewer),
     None takes the device's default. Returns the number of nodes set."""
-    if memory_efficient is not None and not isinstance(memory_efficient, bool):
-        raise TypeError(f"memory_efficient must be True, False or None, got {memory_efficient!r}")
+    _checks.memory_efficient(memory_efficient)
     nodes = [m for m in model.modules() if isinstance(m, AggregationNode)]
     for node in nodes:
         node.memory_efficient = memory_efficient

@@ -24,6 +24,12 @@ def factor(value) -> None:
         raise ValueError(f"factor must be an integer >= 1, got {value!r}")
 
 
+def memory_efficient(value) -> None:
+    """The keep-or-recompute switch of the aggregation node."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"memory_efficient must be True, False or None, got {value!r}")
+
+
 def activation(name: str, t) -> None:
     tensor(name, t, dims=4)
     if t.dtype not in FLOAT_DTYPES:

@@ -281,8 +281,7 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
     batch_stats = training or running_mean is None
     _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, num_batches_tracked,
               batch_stats, momentum, eps, residual)
-    if memory_efficient is not None and not isinstance(memory_efficient, bool):
-        raise TypeError(f"memory_efficient must be True, False or None, got {memory_efficient!r}")
+    _checks.memory_efficient(memory_efficient)
     device = children[0].device
     chosen = backend.resolve(device, "aggregation_node")  # raises if the backend cannot serve it
     group = process_group if training else None  # like nn.SyncBatchNorm: synchronise in training only

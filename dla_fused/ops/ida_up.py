@@ -90,6 +90,8 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
 def _primitives(x, proj_weight, batch_stats, up_weight, factor, trial=None):
     """The backend's primitives for this call; under tuning, `trial` (forward, + backward when
     batch_stats: training calls are followed by one) is what gets timed on first sight of the key."""
+    if not backend.tunes(x.device):  # no key needed
+        return backend.primitives_for(x.device, "ida_up")
     key = (tuple(x.shape), x.dtype, memory_format_of(x), None if proj_weight is None else proj_weight.shape[0],
            up_weight is not None, factor, batch_stats)
     return backend.primitives_for(x.device, "ida_up", key, trial)
