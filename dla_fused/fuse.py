@@ -8,20 +8,38 @@
     method (dla_fused's IDAUp and the CenterNet-style summing IDAUp). Its `project_up` is replaced
     by the fused IDA-Up step; a 1x1 conv-BN-ReLU projection is fused too, any other projection
     (3x3, deformable) runs as it is and only the upsample + skip is fused.
+  * for CPU inference (see `dla_fused.prepack`): nn.Sequential runs of Conv2d [BatchNorm2d]
+    [ReLU], dla_fused's BasicBlock / Bottleneck, and the two fused modules above run, in eval mode
+    with autograd off, as prepacked oneDNN convolutions with BN folded in.
 `unfuse(model)` restores the original modules and methods.
 """
-import types
 from typing import Optional
 
 import torch
 import torch.nn as nn
 
+from . import prepack
+from .models.centernet import CenterNet, IDAConv
+from .models.dla import DLA, BasicBlock, Bottleneck, BottleneckX
+from .models.dla_up import DLASeg
 from .ops import _checks
 from .ops.aggregation import AggregationNode, is_plain_1x1
 from .ops.ida_up import IDAUpStep
 
 _ORIGINAL = "_dla_fused_original"
 _STEPS = "_dla_fused_steps"
+
+
+class _Method:
+    """`function` bound to one module instance, set as an instance attribute by `fuse`. Unlike a
+    types.MethodType it survives pickling (torch.save of a whole model) and copy.deepcopy: the
+    function is saved by its qualified name, the module through pickle's memo."""
+
+    def __init__(self, function, module: nn.Module):
+        self.function, self.module = function, module
+
+    def __call__(self, *args, **kwargs):
+        return self.function(self.module, *args, **kwargs)
 
 
 def _root_like(module: nn.Module) -> Optional[bool]:
@@ -67,14 +85,35 @@ def _ida_like(module: nn.Module) -> bool:
             and hasattr(module, "proj_1") and _STEPS not in module.__dict__)
 
 
-def fuse(model: nn.Module) -> nn.Module:
-    """Route `model`'s aggregation nodes and IDA-Up steps through the fused ops, in place.
-    Returns the model. The state_dict (names, shapes, values) is unchanged."""
+def _prepack_forward(module: nn.Module):
+    """The prepacked forward `fuse` gives `module`, or None."""
+    if type(module) in (BasicBlock, Bottleneck, BottleneckX):  # exact types: their forward is known
+        return prepack.block_forward
+    if type(module) is IDAConv and [type(m) for m in module.actf] == [nn.BatchNorm2d, nn.ReLU]:
+        return prepack.conv_act_forward
+    if isinstance(module, (DLA, DLASeg, CenterNet)):
+        return prepack.model_forward
+    if prepack.sequential_unit(module):
+        return prepack.sequential_forward
+    return None
+
+
+def fuse(model: nn.Module, prepack_inference: bool = True) -> nn.Module:
+    """Route `model`'s aggregation nodes and IDA-Up steps through the fused ops, in place, and
+    (prepack_inference=True) its conv-BN units through prepacked oneDNN convolutions in CPU
+    inference. Returns the model. The state_dict (names, shapes, values) is unchanged."""
+    if not isinstance(prepack_inference, bool):
+        raise ValueError(f"prepack_inference must be True or False, got {prepack_inference!r}")
     for name, module in list(model.named_modules()):
         residual = _root_like(module)
+        forward = _prepack_forward(module)
+        if forward is not None and "forward" not in module.__dict__:
+            module.forward = _Method(forward, module)
+            module.__dict__[prepack.ON] = prepack_inference
         if residual is not None and name:
             parent_name, _, child = name.rpartition(".")
             node = AggregationNode.from_modules(module.conv, module.bn, residual=residual)
+            node.__dict__[prepack.ON] = prepack_inference
             object.__setattr__(node, _ORIGINAL, module)  # kept for unfuse(), not registered
             setattr(model.get_submodule(parent_name) if parent_name else model, child, node)
         elif _ida_like(module):
@@ -86,7 +125,10 @@ def fuse(model: nn.Module) -> nn.Module:
                     i = int(key[len("proj_"):])
                     steps[i] = _fusable_step(proj, getattr(module, f"up_{i}"))
             module.__dict__[_STEPS] = steps
-            module.project_up = types.MethodType(_fused_project_up, module)
+            for plan in steps.values():
+                if plan is not None:
+                    plan[1].__dict__[prepack.ON] = prepack_inference
+            module.project_up = _Method(_fused_project_up, module)
     return model
 
 
@@ -100,7 +142,23 @@ def unfuse(model: nn.Module) -> nn.Module:
         elif _STEPS in module.__dict__:
             del module.__dict__[_STEPS]
             del module.project_up
+        if module.__dict__.pop(prepack.ON, None) is not None and "forward" in module.__dict__:
+            del module.forward
+    prepack.clear(model)
     return model
+
+
+def set_prepack(model: nn.Module, enabled: bool) -> int:
+    """Turn the prepacked CPU inference path (see `dla_fused.prepack`) on or off for every unit
+    `fuse` routed there, and drop the cached weights. Returns the number of units set."""
+    if not isinstance(enabled, bool):
+        raise ValueError(f"enabled must be True or False, got {enabled!r}")
+    units = [m for m in model.modules() if prepack.ON in m.__dict__]
+    units += [step for m in model.modules() for step in fused_steps(m)]
+    for unit in units:
+        unit.__dict__[prepack.ON] = enabled
+    prepack.clear(model)
+    return len(units)
 
 
 def set_memory_efficient(model: nn.Module, memory_efficient: Optional[bool]) -> int:

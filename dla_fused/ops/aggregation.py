@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend
+from .. import backend, prepack
 from . import _bn, _checks
 from .primitives import acc_dtype, memory_format_of
 
@@ -369,6 +369,10 @@ class AggregationNode(nn.Module):
             if got != self.child_channels:
                 raise ValueError(f"expected children with channels {self.child_channels}, got {got}")
         bn = self.bn
+        if prepack.enabled(self) and not bn.training and prepack.usable(children[0]) and self.fused:
+            out = self._prepacked(children)
+            if out is not None:
+                return out
         if not self.fused:  # the modules themselves, so that a synchronised bn still synchronises
             y = bn(self.conv(torch.cat(children, dim=1)))
             return torch.relu(y + children[0] if self.residual else y)
@@ -376,6 +380,17 @@ class AggregationNode(nn.Module):
                                 bn.running_var, bn.num_batches_tracked, bn.training, bn.momentum,
                                 bn.eps, self.residual, self.process_group,
                                 getattr(self, "memory_efficient", None))
+
+    def _prepacked(self, children: Sequence[Tensor]) -> Optional[Tensor]:
+        """Eval forward as one prepacked oneDNN convolution (see dla_fused.prepack), or None when
+        the backend serving this device is not `eager` or the input does not qualify."""
+        bn = self.bn
+        _validate(children, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                  bn.num_batches_tracked, False, bn.momentum, bn.eps, self.residual)
+        if backend.resolve(children[0].device, "aggregation_node") != "eager":
+            return None
+        x = children[0] if len(children) == 1 else torch.cat(children, dim=1)
+        return prepack.conv_unit(self.conv, bn, x, True, children[0] if self.residual else None)
 
     def extra_repr(self) -> str:
         return f"residual={self.residual}" + ("" if self.fused else ", reference path (kernel_size != 1)")

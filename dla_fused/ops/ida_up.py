@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import backend
+from .. import backend, prepack
 from . import _bn, _checks
 from .aggregation import is_plain_1x1
 from .primitives import acc_dtype, memory_format_of, upsampled_size
@@ -381,12 +381,34 @@ class IDAUpStep(nn.Module):
                 raise ValueError("up must be Identity or a depthwise ConvTranspose2d with kernel 2f, "
                                  f"stride f, padding f // 2 and no bias; got {up}")
 
+    def _prepacked(self, x: Tensor, skip: Optional[Tensor]) -> Optional[Tensor]:
+        """Eval forward with the projection as one prepacked oneDNN convolution (see
+        dla_fused.prepack), or None when the backend serving this device is not `eager`, the
+        projection's BN is training, or the input does not qualify."""
+        conv, bn = self.proj[0], self.proj[1]
+        if bn.training or backend.resolve(x.device, "ida_up") != "eager":
+            return None
+        up = None if isinstance(self.up, nn.Identity) else self.up
+        factor = 1 if up is None else up.stride[0]
+        _validate(x, conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.num_batches_tracked,
+                  False, bn.momentum, bn.eps, None if up is None else up.weight, factor, skip)
+        y = prepack.conv_unit(conv, bn, x, True)
+        if y is None:
+            return None
+        if up is not None:
+            y = F.conv_transpose2d(y, up.weight, stride=factor, padding=factor // 2, groups=up.weight.shape[0])
+        return y.add_(skip) if skip is not None else y
+
     def forward(self, x: Tensor, skip: Optional[Tensor] = None) -> Tensor:
         if self.skip is not None and self.skip != (skip is not None):
             raise ValueError("this IDAUpStep was built with skip=True: call it as step(x, skip)" if self.skip
                              else "this IDAUpStep was built with skip=False: call it as step(x)")
         up = None if isinstance(self.up, nn.Identity) else self.up
         factor = 1 if up is None else up.stride[0]
+        if prepack.enabled(self) and not isinstance(self.proj, nn.Identity) and prepack.usable(x):
+            out = self._prepacked(x, skip)
+            if out is not None:
+                return out
         if isinstance(self.proj, nn.Identity):
             return ida_up(x, up_weight=None if up is None else up.weight, factor=factor, skip=skip)
         conv, bn = self.proj[0], self.proj[1]
