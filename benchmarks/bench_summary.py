@@ -305,6 +305,29 @@ def launch_table(launches: List[Dict]) -> List[str]:
                          ["case", "provider", "total", "Triton", "ATen / other", "counted by"], rows)
 
 
+def roofline_table(rows: List[Dict], results: List[Dict]) -> List[str]:
+    """benchmarks/roofline.py's predictions per op case (bf16, channels_last, batch 64, 224 px),
+    the measured launch count beside the predicted one, and, where the op benchmarks ran at those
+    shapes (a GPU), the measured fwd+bwd ratio of fused:triton beside the predicted ones."""
+    if not rows:
+        return []
+    measured = grouped(results).get
+    table = []
+    for r in rows:
+        cases = (measured((r["group"], "fwd+bwd")) or {}).get(r["case"], {})
+        row = cases.get("channels_last", {})
+        table.append([r["case"], f"{r['eager_mb']:.0f}", f"{r['triton_mb']:.0f}",
+                      f"{r['eager_gflop']:.1f} / {r['triton_gflop']:.1f}",
+                      f"{r['eager_launches']} / {r['triton_launches']} ({r['triton_kernels']} Triton)",
+                      str(r["measured_launches"]), f"{r['bytes_ratio']:.2f}x", f"{r['roofline_ratio']:.2f}x",
+                      f"{r['launch_ratio']:.2f}x", fmt_ratio(speed(row, "fused:triton"))])
+    return [""] + _table(
+        "roofline model, fwd+bwd, bf16 channels_last at batch 64 / 224 px (benchmarks/roofline.py): HBM bytes "
+        "derived from each kernel's loads and stores, eager / fused Triton path; ratios are eager / fused",
+        ["case", "eager MB", "Triton MB", "GFLOP e / T", "launches e / T (predicted)", "T launches measured",
+         "at equal bandwidth", "roofline", "+4 us/launch", "measured (GPU)"], table)
+
+
 def summary(results: List[Dict], device: str, memory_kind: str, copy_bandwidth: Optional[float] = None) -> List[str]:
     """The tables of every (group, mode) measured, the fused parts' share of the model steps, then
     the target verdicts."""

@@ -30,6 +30,7 @@ RESULTS: List[Dict] = []
 # Kernel launches per forward + backward of an op (benchmarks/test_launches.py): dicts with group,
 # case, provider, counted ("interpreter" or "profiler"), triton, aten, kernels.
 LAUNCHES: List[Dict] = []
+ROOFLINE: List[Dict] = []  # benchmarks/test_roofline.py's rows
 
 
 def fused_backends() -> List[str]:

@@ -41,7 +41,8 @@ def summarize(results):
     env = bu.environment()
     memory_kind = "peak allocated" if bu.GPU else "peak RSS growth"
     return (["environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
-            + bs.summary(results, bu.DEVICE.type, memory_kind, bu.copy_bandwidth()) + bs.launch_table(bu.LAUNCHES))
+            + bs.summary(results, bu.DEVICE.type, memory_kind, bu.copy_bandwidth()) + bs.launch_table(bu.LAUNCHES)
+            + bs.roofline_table(bu.ROOFLINE, results))
 
 
 def _chart(results, path):
@@ -87,7 +88,8 @@ def _write_results():
     os.makedirs(OUT, exist_ok=True)
     lines = summarize(bu.RESULTS)
     with open(os.path.join(OUT, "results.json"), "w") as f:
-        json.dump({"environment": bu.environment(), "results": bu.RESULTS, "launches": bu.LAUNCHES}, f, indent=1)
+        json.dump({"environment": bu.environment(), "results": bu.RESULTS, "launches": bu.LAUNCHES,
+                   "roofline": bu.ROOFLINE}, f, indent=1)
     with open(os.path.join(OUT, "summary.txt"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     return lines
@@ -99,13 +101,13 @@ _written = [0]
 def pytest_runtest_logfinish(nodeid, location):
     """Rewrite the files after every benchmark that recorded something, so that a run stopped
     part-way (a time limit, a crash) still leaves what it measured."""
-    if len(bu.RESULTS) + len(bu.LAUNCHES) > _written[0]:
-        _written[0] = len(bu.RESULTS) + len(bu.LAUNCHES)
+    if len(bu.RESULTS) + len(bu.LAUNCHES) + len(bu.ROOFLINE) > _written[0]:
+        _written[0] = len(bu.RESULTS) + len(bu.LAUNCHES) + len(bu.ROOFLINE)
         _write_results()
 
 
 def pytest_terminal_summary(terminalreporter):
-    if not bu.RESULTS and not bu.LAUNCHES:
+    if not bu.RESULTS and not bu.LAUNCHES and not bu.ROOFLINE:
         return
     lines = _write_results()
     _chart(bu.RESULTS, os.path.join(OUT, "chart.png"))
