@@ -51,7 +51,7 @@ def _coordinates(q, height, width):
 @triton.jit
 def _upsample_kernel(out_ptr, so_n, so_c, so_h, so_w, z_ptr, sz_n, sz_c, sz_h, sz_w, scale_ptr, shift_ptr,
                      u_ptr, su_c, su_h, su_w, skip_ptr, sk_n, sk_c, sk_h, sk_w,
-                     num_pixels, out_h, out_w, in_h, in_w, channels, factor,
+                     num_pixels, out_h, out_w, in_h, in_w, channels, factor: tl.constexpr,
                      HAS_BN: tl.constexpr, HAS_UP: tl.constexpr, HAS_SKIP: tl.constexpr, ACC: tl.constexpr,
                      BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tile: BLOCK_P output pixels (flat over N * out_h * out_w) x BLOCK_C channels."""
@@ -92,7 +92,7 @@ def _upsample_kernel(out_ptr, so_n, so_c, so_h, so_w, z_ptr, sz_n, sz_c, sz_h, s
 @triton.jit
 def _upsample_backward_kernel(gp_ptr, sp_n, sp_c, sp_h, sp_w, go_ptr, sg_n, sg_c, sg_h, sg_w,
                               z_ptr, sz_n, sz_c, sz_h, sz_w, scale_ptr, shift_ptr, u_ptr, su_c, su_h, su_w,
-                              gu_part, num_pixels, in_h, in_w, out_h, out_w, channels, factor,
+                              gu_part, num_pixels, in_h, in_w, out_h, out_w, channels, factor: tl.constexpr,
                               HAS_BN: tl.constexpr, HAS_UP: tl.constexpr, ACC: tl.constexpr,
                               BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Tile: BLOCK_P coarse pixels x BLOCK_C channels. grad p[iy, ix] = sum over the 2f x 2f taps of
@@ -111,9 +111,9 @@ def _upsample_backward_kernel(gp_ptr, sp_n, sp_c, sp_h, sp_w, go_ptr, sg_n, sg_c
         pad = factor // 2
         taps = 2 * factor
         grad = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        for ky in range(0, taps):
+        for ky in tl.static_range(taps):  # factor is a compile-time constant: both loops unroll
             oy = iy * factor - pad + ky
-            for kx in range(0, taps):
+            for kx in tl.static_range(taps):
                 ox = ix * factor - pad + kx
                 ok = mask & ((oy >= 0) & (oy < out_h) & (ox >= 0) & (ox < out_w))[:, None]
                 go = tl.load(go_ptr + go_base + (oy * sg_h + ox * sg_w)[:, None], mask=ok, other=0.0).to(ACC)
