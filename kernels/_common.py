@@ -51,17 +51,112 @@ if interpreted():
     _fix_interpreter_scalar_index()
 
 
+# Size arguments of the autotune keys that are rounded up to a power of two (`bucket`): every
+# pixel count in (2^(k-1), 2^k] shares one tuning, so a new batch size or resolution in the same
+# bucket neither re-benchmarks nor recompiles (the kernels do not specialise these arguments).
+BUCKETED = ("num_pixels",)
+
+
+def bucket(value: int) -> int:
+    """The power of two at or above `value` (1 for 0 and 1)."""
+    return 1 << max(int(value) - 1, 0).bit_length()
+
+
+class ConfigStore:
+    """The config tuned for each (kernel, GPU, Triton version, bucketed key), pinned: kept for the
+    process and in a JSON file, so that later runs take the same config, and so the same result
+    bits, without tuning again. The file is DLA_FUSED_TUNING_CACHE (default
+    ~/.cache/dla_fused/triton-configs.json); DLA_FUSED_TUNING_CACHE=off keeps the configs in
+    memory only."""
+
+    def __init__(self):
+        self.configs = {}
+        self.loaded = None  # the path read, once
+
+    @staticmethod
+    def path():
+        path = os.environ.get("DLA_FUSED_TUNING_CACHE")
+        if path == "off":
+            return None
+        return path or os.path.join(os.path.expanduser("~"), ".cache", "dla_fused", "triton-configs.json")
+
+    def _load(self, path):
+        if self.loaded == path:
+            return
+        self.loaded = path
+        if path is None or not os.path.exists(path):
+            return
+        import json
+        try:
+            with open(path, encoding="utf-8") as f:
+                stored = json.load(f)
+        except (OSError, ValueError):  # unreadable or half-written: tune again
+            return
+        for key, c in stored.items():
+            self.configs.setdefault(key, triton.Config(c["kwargs"], num_warps=c["num_warps"],
+                                                       num_stages=c["num_stages"]))
+
+    def get(self, key: str):
+        self._load(self.path())
+        return self.configs.get(key)
+
+    def put(self, key: str, config) -> None:
+        self.configs[key] = config
+        path = self.path()
+        if path is None:
+            return
+        import json
+        import tempfile
+        stored = {k: dict(kwargs=dict(c.kwargs), num_warps=c.num_warps, num_stages=c.num_stages)
+                  for k, c in self.configs.items()}
+        try:
+            os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(stored, f, indent=1, sort_keys=True)
+            os.replace(tmp, path)  # atomic: concurrent runs never read a half-written file
+        except OSError:  # a read-only home: the process keeps its configs in memory
+            pass
+
+
+STORE = ConfigStore()
+
+
 class Tunable:
     """A @triton.jit kernel with an autotuned twin. `kernel[grid](...)` launches the twin on a
     GPU, the first config when autotuning is off, and the `interpreter` block sizes under
     TRITON_INTERPRET=1, where autotuning would only cost time; there a size given as an argument's
-    name is interpreter_block(that argument)."""
+    name is interpreter_block(that argument). On a GPU the first launch of each bucketed key
+    (`bucket_key`) tunes; the winner is pinned in STORE and every later launch of the key, in this
+    run or a later one, launches it directly."""
 
     def __init__(self, fn, configs, key, interpreter, dot_tiles=None, **options):
         self.fn, self.configs, self.interpreter, self.dot_tiles = fn, configs, interpreter, dot_tiles
+        self.key, self.name = list(key), getattr(fn, "__name__", None) or fn.fn.__name__
         if dot_tiles is not None:
             options["prune_configs_by"] = {"early_config_prune": self._prune}
         self.tuned = triton.autotune(configs=configs, key=key, **options)(fn)
+
+    def bucket_key(self, named) -> tuple:
+        """The tuning key of a launch: the key arguments, BUCKETED ones rounded up to a power of
+        two, and the dtypes of the tensor arguments."""
+        sizes = tuple(bucket(named[k]) if k in BUCKETED else named[k] for k in self.key)
+        return sizes + tuple(str(v.dtype) for v in named.values() if isinstance(v, torch.Tensor))
+
+    def store_key(self, named) -> str:
+        device = next((v.device for v in named.values() if isinstance(v, torch.Tensor)), None)
+        gpu = torch.cuda.get_device_name(device) if device is not None and device.type == "cuda" else "cpu"
+        return f"{self.name}|{gpu}|triton {triton.__version__}|{self.bucket_key(named)}"
+
+    def _tuned_launch(self, grid, args, kwargs):
+        named = dict(zip(self.fn.arg_names, args), **kwargs)
+        key = self.store_key(named)
+        config = STORE.get(key)
+        if config is None:  # first sight of this bucket: tune (and run the winner), then pin it
+            self.tuned[grid](*args, **kwargs)
+            STORE.put(key, self.tuned.best_config)
+            return
+        self.fn[grid](*args, **kwargs, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
 
     def shared_bytes(self, config, args) -> int:
         """Estimated shared memory of `config`: the two tl.dot operand tiles `dot_tiles` names,
@@ -102,7 +197,7 @@ class Tunable:
             c = self.configs[0]
             return lambda *args, **kwargs: self.fn[grid](*args, **kwargs, **c.kwargs, num_warps=c.num_warps,
                                                          num_stages=c.num_stages)
-        return self.tuned[grid]
+        return lambda *args, **kwargs: self._tuned_launch(grid, args, kwargs)
 
 
 def tunable(configs, key, interpreter, dot_tiles=None, **options):

@@ -49,7 +49,7 @@ def _accumulate(acc, x_ptr, c_in, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, 
 
 @tunable(GEMM_CONFIGS, key=["num_pixels", "c_out", "c_in", "so_c"], interpreter=GEMM_INTERPRETER,
          dot_tiles=[("BLOCK_P", "BLOCK_K"), ("BLOCK_K", "BLOCK_CO")])
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels"])
 def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
                  res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
                  mean_part, m2_part, count_part, tiles_used, num_pixels, hw, c_out, c_in, children,
@@ -173,7 +173,7 @@ def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional
 
 @tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER,
          restore_value=["z_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels"])
 def _apply_kernel(z_ptr, sz_n, sz_c, sz_p, scale_ptr, shift_ptr, res_ptr, sr_n, sr_c, sr_p,
                   num_pixels, hw, channels, HAS_RESIDUAL: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -201,7 +201,7 @@ def _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, m
 
 
 @tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER)
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "chunk"])
 def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, z_ptr, sz_n, sz_c, sz_p,
                    mean_ptr, num_pixels, hw, channels, chunk, HAS_OUT: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -230,7 +230,7 @@ def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p
 
 @tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER,
          restore_value=["z_ptr"])
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels"])
 def _dz_kernel(z_ptr, sz_n, sz_c, sz_p, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p,
                scale_ptr, coef_ptr, bias_ptr, mean_ptr, num_pixels, hw, channels,
                HAS_OUT: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -322,7 +322,7 @@ def agg_backward_dz(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch
 @tunable(WEIGHT_GRAD_CONFIGS, key=["num_pixels", "c_out", "c_in"],
          interpreter=dict(BLOCK_CO="c_out", BLOCK_CI="c_in", BLOCK_K=16),
          dot_tiles=[("BLOCK_CO", "BLOCK_K"), ("BLOCK_K", "BLOCK_CI")])
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels", "chunk"])
 def _weight_grad_kernel(part_ptr, sp_s, sp_o, dz_ptr, sd_n, sd_c, sd_p, x_ptr, sx_n, sx_c, sx_p,
                         num_pixels, hw, c_out, c_in, chunk, ACC: tl.constexpr, DOT: tl.constexpr,
                         PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,

@@ -48,7 +48,7 @@ def _coordinates(q, height, width):
 
 @tunable(UPSAMPLE_CONFIGS, key=["num_pixels", "channels", "factor", "so_c"],
          interpreter=dict(INTERPRETER, BLOCK_P=64))
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels"])
 def _upsample_kernel(out_ptr, so_n, so_c, so_h, so_w, z_ptr, sz_n, sz_c, sz_h, sz_w, scale_ptr, shift_ptr,
                      u_ptr, su_c, su_h, su_w, skip_ptr, sk_n, sk_c, sk_h, sk_w,
                      num_pixels, out_h, out_w, in_h, in_w, channels, factor: tl.constexpr,
@@ -89,7 +89,7 @@ def _upsample_kernel(out_ptr, so_n, so_c, so_h, so_w, z_ptr, sz_n, sz_c, sz_h, s
 
 
 @tunable(BACKWARD_CONFIGS, key=["num_pixels", "channels", "factor", "sg_c"], interpreter=INTERPRETER)
-@triton.jit
+@triton.jit(do_not_specialize=["num_pixels"])
 def _upsample_backward_kernel(gp_ptr, sp_n, sp_c, sp_h, sp_w, go_ptr, sg_n, sg_c, sg_h, sg_w,
                               z_ptr, sz_n, sz_c, sz_h, sz_w, scale_ptr, shift_ptr, u_ptr, su_c, su_h, su_w,
                               gu_part, num_pixels, in_h, in_w, out_h, out_w, channels, factor: tl.constexpr,
@@ -111,9 +111,9 @@ def _upsample_backward_kernel(gp_ptr, sp_n, sp_c, sp_h, sp_w, go_ptr, sg_n, sg_c
         pad = factor // 2
         taps = 2 * factor
         grad = tl.zeros((BLOCK_P, BLOCK_C), dtype=ACC)
-        for ky in tl.static_range(taps):  # factor is a compile-time constant: both loops unroll
+        for ky in tl.static_range(2 * factor):  # factor is a compile-time constant: both loops unroll
             oy = iy * factor - pad + ky
-            for kx in tl.static_range(taps):
+            for kx in tl.static_range(2 * factor):
                 ox = ix * factor - pad + kx
                 ok = mask & ((oy >= 0) & (oy < out_h) & (ox >= 0) & (ox < out_w))[:, None]
                 go = tl.load(go_ptr + go_base + (oy * sg_h + ox * sg_w)[:, None], mask=ok, other=0.0).to(ACC)
