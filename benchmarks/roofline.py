@@ -216,12 +216,28 @@ def _rule_conv(a, grid):
 
 
 def _rule_finalize(a, grid):
-    """_finalize_stats_kernel: every channel block walks the tile partials twice (means, then
-    means, M2 and counts) and stores mean and variance."""
-    tiles = a["mean_part"].shape[0]  # rows written by the GEMM (<= allocated rows)
+    """_finalize_stats_kernel: program (channel block, tile chunk) walks its tiles twice (means;
+    means, M2 and counts) and stores its chunk's (count, mean, M2); the last program of a block
+    walks the chunks the same way and stores mean and variance, with AFFINE also scale and shift
+    (reading gamma and beta)."""
+    tiles = a["mean_part"].shape[0]  # rows allocated for the GEMM's tiles (an upper bound)
     acc = a["mean_part"].element_size()
-    channels = a["channels"]
-    return (3 * tiles * channels + 2 * tiles) * acc, 2 * channels * acc, 0
+    channels, blocks, chunks = a["channels"], _blocks(grid, 0), _blocks(grid, 1)
+    read = (3 * tiles * channels + 2 * tiles * blocks + 3 * chunks * channels + 2 * chunks * blocks) * acc
+    write = (2 * chunks * channels + chunks * blocks + 2 * channels) * acc
+    if a["AFFINE"]:
+        read += channels * (a["gamma_ptr"].element_size() + a["beta_ptr"].element_size())
+        write += 2 * channels * acc
+    return read, write, 0
+
+
+def _rule_coefficients(a, grid):
+    """_coefficients_kernel: the reduction's split partials (sums of g and g (z - mean)), var
+    and gamma; stores grad gamma, grad beta, scale and, with batch statistics, the two dz
+    coefficients."""
+    acc, channels = a["part_ptr"].element_size(), a["channels"]
+    read = 2 * a["splits"] * channels * acc + channels * (acc + a["gamma_ptr"].element_size())
+    return read, (5 if a["BATCH_STATS"] else 3) * channels * acc, 0
 
 
 def _rule_apply(a, grid):
@@ -277,7 +293,8 @@ def _rule_upsample_backward(a, grid):
 
 
 RULES: Dict[str, Callable] = {
-    "_conv_kernel": _rule_conv, "_finalize_stats_kernel": _rule_finalize, "_apply_kernel": _rule_apply,
+    "_conv_kernel": _rule_conv, "_finalize_stats_kernel": _rule_finalize, "_coefficients_kernel": _rule_coefficients,
+    "_apply_kernel": _rule_apply,
     "_reduce_kernel": _rule_reduce, "_dz_kernel": _rule_dz, "_weight_grad_kernel": _rule_weight_grad,
     "_upsample_kernel": _rule_upsample, "_upsample_backward_kernel": _rule_upsample_backward,
 }

@@ -95,11 +95,18 @@ def _cpp_primitives():
     return types.SimpleNamespace(**{name: getattr(ops, name) for name in PRIMITIVES})
 
 
+# Optional primitives: a backend that has them lets ops/_bn.py skip its per-channel glue
+# (agg_conv_affine: statistics and BatchNorm's affine; agg_backward_coefficients: the backward's
+# reduction and every per-channel vector). Only the Triton backend has them.
+FUSED_PRIMITIVES = ("agg_conv_affine", "agg_backward_coefficients")
+
+
 def _triton_primitives():
     from dla_fused.kernels import aggregation, ida_up
     table = {}
     for module in (aggregation, ida_up):
-        table.update({name: getattr(module, name) for name in PRIMITIVES if hasattr(module, name)})
+        table.update({name: getattr(module, name) for name in PRIMITIVES + FUSED_PRIMITIVES
+                      if hasattr(module, name)})
     return types.SimpleNamespace(**table)
 
 

@@ -52,7 +52,8 @@ def _accumulate(acc, x_ptr, c_in, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, 
 @triton.jit(do_not_specialize=["num_pixels"])
 def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
                  res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
-                 mean_part, m2_part, count_part, tiles_used, num_pixels, hw, c_out, c_in, children,
+                 mean_part, m2_part, count_part, tiles_used, counters, n_counters, num_pixels, hw, c_out, c_in,
+                 children,
                  HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
                  HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
                  DOT: tl.constexpr, PRECISION: tl.constexpr,
@@ -80,6 +81,9 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
             tl.store(count_part + pid_p, count.to(ACC))
             if pid_p == 0:  # the finalize reads this many tiles (whatever config ran, or ran before)
                 tl.store(tiles_used, tl.num_programs(0))
+                for i in range(0, n_counters, 64):  # and counts its chunks from zero
+                    slots = i + tl.arange(0, 64)
+                    tl.store(counters + slots, tl.zeros((64,), dtype=tl.int32), mask=slots < n_counters)
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
     if HAS_RESIDUAL:
@@ -95,40 +99,95 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
 
 
 @triton.jit
-def _finalize_stats_kernel(mean_part, m2_part, count_part, tiles_used, mean_ptr, var_ptr, channels,
-                           ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
-    """Chan et al.'s parallel combination of per-tile (count n_t, mean m_t, M2_t):
-    mean = sum n_t m_t / n;  M2 = sum M2_t + sum n_t (m_t - mean)^2;  var = M2 / n."""
-    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    c_ok = c < channels
-    num_tiles = tl.load(tiles_used)
+def _chan_merge(mean_rows, m2_rows, count_rows, r0, r1, c, c_ok, channels,
+                ACC: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Chan et al.'s parallel combination of rows r in [r0, r1) of (count n_r, mean m_r, M2_r):
+    n = sum n_r;  mean = sum n_r m_r / n;  M2 = sum M2_r + sum n_r (m_r - mean)^2. Rows merge in a
+    fixed order (blocks of BLOCK_T, then a tree over the block): deterministic. An empty range
+    gives (0, 0, 0). Loads bypass L1 (.cg): rows written by other programs of the same launch."""
     counts = tl.zeros((BLOCK_T,), dtype=ACC)
     weighted = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
-    for t0 in range(0, num_tiles, BLOCK_T):
+    for t0 in range(r0, r1, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        n_t = tl.load(count_part + t, mask=t < num_tiles, other=0.0)
-        m_t = tl.load(mean_part + t[:, None] * channels + c[None, :], mask=(t < num_tiles)[:, None] & c_ok[None, :],
-                      other=0.0)
+        t_ok = t < r1
+        n_t = tl.load(count_rows + t, mask=t_ok, other=0.0, cache_modifier=".cg")
+        m_t = tl.load(mean_rows + t[:, None] * channels + c[None, :], mask=t_ok[:, None] & c_ok[None, :],
+                      other=0.0, cache_modifier=".cg")
         counts += n_t
         weighted += n_t[:, None] * m_t
     total = tl.sum(counts, axis=0)
-    mean = tl.sum(weighted, axis=0) / total
+    mean = tl.where(total > 0, tl.sum(weighted, axis=0) / tl.maximum(total, 1.0), 0.0)
     m2 = tl.zeros((BLOCK_T, BLOCK_C), dtype=ACC)
-    for t0 in range(0, num_tiles, BLOCK_T):
+    for t0 in range(r0, r1, BLOCK_T):
         t = t0 + tl.arange(0, BLOCK_T)
-        ok = (t < num_tiles)[:, None] & c_ok[None, :]
-        n_t = tl.load(count_part + t, mask=t < num_tiles, other=0.0)
-        m_t = tl.load(mean_part + t[:, None] * channels + c[None, :], mask=ok, other=0.0)
-        m2_t = tl.load(m2_part + t[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        t_ok = t < r1
+        ok = t_ok[:, None] & c_ok[None, :]
+        n_t = tl.load(count_rows + t, mask=t_ok, other=0.0, cache_modifier=".cg")
+        m_t = tl.load(mean_rows + t[:, None] * channels + c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        m2_t = tl.load(m2_rows + t[:, None] * channels + c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
         delta = tl.where(ok, m_t - mean[None, :], 0.0)
         m2 += m2_t + n_t[:, None] * delta * delta
-    tl.store(mean_ptr + c, mean, mask=c_ok)
-    tl.store(var_ptr + c, tl.sum(m2, axis=0) / total, mask=c_ok)
+    return total, mean, tl.sum(m2, axis=0)
 
 
-def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False):
+@triton.jit
+def _finalize_stats_kernel(mean_part, m2_part, count_part, tiles_used, chunk_mean, chunk_m2, chunk_count, counters,
+                           mean_ptr, var_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr, eps, channels,
+                           tiles_per_chunk, AFFINE: tl.constexpr, ACC: tl.constexpr,
+                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Batch statistics from the GEMM's per-tile (count, mean, M2), in parallel: program (j, k)
+    merges tile chunk k for channel block j into chunk_*[k]; the last program of block j to finish
+    (an atomic count per block, zeroed by the GEMM) merges the chunks in order 0, 1, ... and stores
+    mean and biased variance, and with AFFINE the BatchNorm as scale = gamma / sqrt(var + eps),
+    shift = beta - mean * scale. The result does not depend on which program finishes last."""
+    block = tl.program_id(0)
+    k = tl.program_id(1)
+    chunks = tl.num_programs(1)
+    c = block * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    num_tiles = tl.load(tiles_used)
+    start = k * tiles_per_chunk
+    n_k, mean_k, m2_k = _chan_merge(mean_part, m2_part, count_part, start,
+                                    tl.minimum(start + tiles_per_chunk, num_tiles), c, c_ok, channels,
+                                    ACC, BLOCK_T, BLOCK_C)
+    tl.store(chunk_mean + k * channels + c, mean_k, mask=c_ok)
+    tl.store(chunk_m2 + k * channels + c, m2_k, mask=c_ok)
+    tl.store(chunk_count + k, n_k)
+    tl.debug_barrier()  # every thread's stores before the count (acq_rel atomic)
+    if tl.atomic_add(counters + block, 1) == chunks - 1:
+        total, mean, m2 = _chan_merge(chunk_mean, chunk_m2, chunk_count, 0, chunks, c, c_ok, channels,
+                                      ACC, BLOCK_T, BLOCK_C)
+        var = m2 / total
+        tl.store(mean_ptr + c, mean, mask=c_ok)
+        tl.store(var_ptr + c, var, mask=c_ok)
+        if AFFINE:
+            scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) / tl.sqrt(var + eps)
+            tl.store(scale_ptr + c, scale, mask=c_ok)
+            tl.store(shift_ptr + c, tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - mean * scale, mask=c_ok)
+
+
+FINALIZE_BLOCK_C = 64
+
+
+def _finalize_grid(c_out: int, tiles: int, device):
+    """(channel blocks, tile chunks, tiles per chunk, BLOCK_T, BLOCK_C) of the finalize launch:
+    about two programs per multiprocessor, each over at least 32 tiles (3 chunks at most under
+    the interpreter, to exercise the merge)."""
+    if interpreted():
+        block_c, block_t = 16, 16
+        blocks = triton.cdiv(c_out, block_c)
+        chunks, per = split(tiles, 3)
+    else:
+        block_c, block_t = FINALIZE_BLOCK_C, 32
+        blocks = triton.cdiv(c_out, block_c)
+        chunks, per = split(tiles, min(triton.cdiv(tiles, 32), max(1, 2 * num_sms(device) // blocks)))
+    return blocks, chunks, per, block_t, block_c
+
+
+def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False, affine=None):
     """out = epilogue(sum_i weight[:, off_i:off_i + C_i] x_i); weight is 2-D (C_out, sum C_i), any
-    strides. Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors."""
+    strides. Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors;
+    with `affine` = (gamma, beta, eps) also BatchNorm's (scale, shift) for those statistics."""
     acc = acc_dtype(out.dtype)
     n, c_out, h, w = out.shape
     num_pixels = n * h * w
@@ -139,10 +198,14 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
     gate_t, gate_strides = pixel_view(gate) if gate is not None else (out_view, out_strides)
     if stats:
         tiles = triton.cdiv(num_pixels, min(_conv_kernel.candidates("BLOCK_P")))
+        blocks, chunks, per, block_t, block_c = _finalize_grid(c_out, tiles, out.device)
+        # one int32 scratch: the tile count, then a chunk count per channel block
+        scratch = out.new_empty(1 + blocks, dtype=torch.int32)
         parts = [out.new_empty((tiles, c_out), dtype=acc), out.new_empty((tiles, c_out), dtype=acc),
-                 out.new_empty(tiles, dtype=acc), out.new_empty(1, dtype=torch.int32)]
+                 out.new_empty(tiles, dtype=acc), scratch[:1], scratch[1:], blocks]
     else:
-        parts = [dummy] * 3 + [out.new_empty(1, dtype=torch.int32)]
+        int_dummy = out.new_empty(1, dtype=torch.int32)
+        parts = [dummy] * 3 + [int_dummy, int_dummy, 0]
     dot, precision = dot_types(xs[0].dtype, weight.dtype)
     _conv_kernel[grid((num_pixels, "BLOCK_P"), (c_out, "BLOCK_CO"))](
         out_view, *out_strides, weight, *weight.stride(), shift if shift is not None else dummy,
@@ -153,11 +216,18 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
         out.copy_(out_view)
     if not stats:
         return out.new_empty(0, dtype=acc), out.new_empty(0, dtype=acc)
+    # mean and var on their own (they leave the op: no aliasing), scale, shift and the chunk
+    # partials (count, mean, M2) in one buffer
     mean, var = out.new_empty(c_out, dtype=acc), out.new_empty(c_out, dtype=acc)
-    block_t, block_c = (16, 16) if interpreted() else (32, 64)
-    _finalize_stats_kernel[(triton.cdiv(c_out, block_c),)](
-        *parts, mean, var, c_out, ACC=TL_DTYPES[acc], BLOCK_T=block_t, BLOCK_C=block_c)
-    return mean, var
+    vectors = out.new_empty(2 * c_out + chunks * (2 * c_out + 1), dtype=acc)
+    scale, shift = vectors[:c_out], vectors[c_out:2 * c_out]
+    chunk = vectors[2 * c_out:]
+    gamma, beta, eps = affine if affine is not None else (dummy, dummy, 0.0)
+    _finalize_stats_kernel[(blocks, chunks)](
+        *parts[:4], chunk[:chunks * c_out], chunk[chunks * c_out:2 * chunks * c_out], chunk[2 * chunks * c_out:],
+        parts[4], mean, var, gamma, beta, scale, shift, eps, c_out, per, AFFINE=affine is not None,
+        ACC=TL_DTYPES[acc], BLOCK_T=block_t, BLOCK_C=block_c)
+    return (mean, var) if affine is None else (mean, var, scale, shift)
 
 
 def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional[torch.Tensor],
@@ -166,6 +236,16 @@ def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional
     out = empty_like_format((first.shape[0], weight.shape[0], first.shape[2], first.shape[3]), first)
     mean, var = _gemm(out, children, weight, shift, residual, relu=relu, stats=stats)
     return out, mean, var
+
+
+def agg_conv_affine(children: List[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                    bn_bias: torch.Tensor, eps: float):
+    """z = W x with its batch statistics and BatchNorm's (scale, shift) for them, in two launches
+    (the GEMM, the parallel finalize): (z, mean, var, scale, shift)."""
+    first = children[0]
+    out = empty_like_format((first.shape[0], weight.shape[0], first.shape[2], first.shape[3]), first)
+    mean, var, scale, shift = _gemm(out, children, weight, stats=True, affine=(bn_weight, bn_bias, float(eps)))
+    return out, mean, var, scale, shift
 
 
 # ------------------------------------------------------------------------------------------------
@@ -265,6 +345,43 @@ def agg_apply_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residu
 
 
 def agg_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
+    part = _reduce_parts(grad_out, out, z, mean)
+    return part[0].sum(dim=0), part[1].sum(dim=0)
+
+
+@triton.jit
+def _coefficients_kernel(part_ptr, splits, var_ptr, gamma_ptr, eps, count, channels, gg_ptr, gb_ptr, out_ptr,
+                         BATCH_STATS: tl.constexpr, ACC: tl.constexpr, BLOCK_S: tl.constexpr,
+                         BLOCK_C: tl.constexpr):
+    """The backward's per-channel vectors from the reduction's split partials (sums of g and of
+    g (z - mean), merged in a fixed order): grad gamma = sum_gz / sqrt(var + eps),
+    grad beta = sum_g, scale = gamma / sqrt(var + eps) and, with BATCH_STATS, the dz coefficients
+    z_coef = -scale sum_gz / ((var + eps) count), bias = -scale sum_g / count; grad gamma and grad
+    beta to their own vectors (gg, gb: they leave the op), the other three to rows of out."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    sum_g = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC)
+    sum_gz = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC)
+    for s0 in range(0, splits, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        ok = (rows < splits)[:, None] & c_ok[None, :]
+        sum_g += tl.load(part_ptr + rows[:, None] * channels + c[None, :], mask=ok, other=0.0)
+        sum_gz += tl.load(part_ptr + (splits + rows)[:, None] * channels + c[None, :], mask=ok, other=0.0)
+    g = tl.sum(sum_g, axis=0)
+    gz = tl.sum(sum_gz, axis=0)
+    var_eps = tl.load(var_ptr + c, mask=c_ok, other=1.0) + eps
+    invstd = 1.0 / tl.sqrt(var_eps)
+    scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) * invstd
+    tl.store(gg_ptr + c, gz * invstd, mask=c_ok)
+    tl.store(gb_ptr + c, g, mask=c_ok)
+    tl.store(out_ptr + c, scale, mask=c_ok)
+    if BATCH_STATS:
+        tl.store(out_ptr + channels + c, -scale * gz / (var_eps * count), mask=c_ok)
+        tl.store(out_ptr + 2 * channels + c, -scale * g / count, mask=c_ok)
+
+
+def _reduce_parts(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
+    """The reduction launch: (2, splits, C) partial sums of g and g (z - mean)."""
     n, c, h, w = z.shape
     num_pixels = n * h * w
     go, go_strides = pixel_view(grad_out)
@@ -279,7 +396,25 @@ def agg_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: 
     _reduce_kernel[grid(splits, (c, "BLOCK_C"))](
         part, go, *go_strides, out_t, *out_strides, zv, *z_strides, mean, num_pixels, h * w, c, chunk,
         HAS_OUT=out is not None)
-    return part[0].sum(dim=0), part[1].sum(dim=0)
+    return part
+
+
+def agg_backward_coefficients(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor,
+                              mean: torch.Tensor, var: torch.Tensor, bn_weight: torch.Tensor, eps: float,
+                              count: int, batch_stats: bool):
+    """(grad gamma, grad beta, scale, z_coef, bias) of the BatchNorm backward in two launches
+    (the reduction, the coefficients); z_coef and bias are None without batch statistics. The same
+    vectors as ops/_bn.py's composition of agg_backward_reduce, without its per-vector launches."""
+    part = _reduce_parts(grad_out, out, z, mean)
+    c = z.shape[1]
+    grad_gamma, grad_beta = z.new_empty(c, dtype=mean.dtype), z.new_empty(c, dtype=mean.dtype)
+    vectors = z.new_empty((3, c), dtype=mean.dtype)
+    block_s, block_c = (16, 16) if interpreted() else (32, 64)
+    _coefficients_kernel[(triton.cdiv(c, block_c),)](
+        part, part.shape[1], var, bn_weight, float(eps), float(count), c, grad_gamma, grad_beta, vectors,
+        BATCH_STATS=batch_stats, ACC=TL_DTYPES[mean.dtype], BLOCK_S=block_s, BLOCK_C=block_c)
+    scale, z_coef, bias = vectors
+    return grad_gamma, grad_beta, scale, (z_coef if batch_stats else None), (bias if batch_stats else None)
 
 
 def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,

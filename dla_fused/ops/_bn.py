@@ -63,6 +63,21 @@ def product_with_stats(P, children: List[Tensor], weight2d: Tensor, group
     return z, mean, var, count
 
 
+def product_stats_affine(P, children: List[Tensor], weight2d: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+                         eps: float, group) -> Tuple[Tensor, Tensor, Tensor, int, Tensor, Tensor]:
+    """product_with_stats and BatchNorm's (scale, shift) for those statistics: (z, mean, var,
+    count, scale, shift). A backend with `agg_conv_affine` (Triton) emits the affine from its
+    statistics kernel instead of a few per-channel launches here (not with a process group: the
+    statistics are combined across ranks first)."""
+    fused = getattr(P, "agg_conv_affine", None)
+    if fused is not None and group is None:
+        z, mean, var, scale, shift = fused(children, weight2d, bn_weight, bn_bias, eps)
+        return z, mean, var, pixel_count(children[0]), scale, shift
+    z, mean, var, count = product_with_stats(P, children, weight2d, group)
+    scale, shift = affine(bn_weight, bn_bias, mean, var, eps)
+    return z, mean, var, count, scale, shift
+
+
 def recompute_product(P, children: List[Tensor], weight2d: Tensor) -> Tensor:
     return P.agg_conv(children, weight2d, None, None, False, False)[0]
 
@@ -79,10 +94,21 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
     number of pixels the batch statistics were taken over (all ranks of `group`; default: this
     batch's). Returns (grad children, grad W (2-D), grad gamma,
     grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them."""
-    invstd = torch.rsqrt(var + eps)
-    scale = bn_weight.to(mean.dtype) * invstd
     need_z = batch_stats or bn_grads
     kept = z is not None and z_kept
+    count = pixel_count(children[0]) if count is None else count
+    fused = getattr(P, "agg_backward_coefficients", None)
+    if fused is not None and need_z and group is None:
+        # the backend's reduction emits every per-channel vector (Triton: two launches)
+        if z is None:
+            z = recompute_product(P, children, weight2d)
+        grad_gamma, grad_beta, scale, z_coef, bias = fused(grad, mask_src, z, mean, var, bn_weight, eps, count,
+                                                           batch_stats)
+        coefs = (z_coef, bias, mean) if batch_stats else (None, None, None)
+        return _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept) + (
+            grad_gamma, grad_beta)
+    invstd = torch.rsqrt(var + eps)
+    scale = bn_weight.to(mean.dtype) * invstd
     if need_z:
         if z is None:
             z = recompute_product(P, children, weight2d)
@@ -96,10 +122,17 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
     if batch_stats:
         # dz = scale * (g - mean(g) - xhat * mean(g xhat)), xhat = (z - mean) * invstd, so
         # dz = scale * g + z_coef * (z - mean) + bias with the per-channel coefficients below.
-        count = pixel_count(children[0]) if count is None else count
         coefs = (-scale * invstd * invstd * sum_gz / count, -scale * sum_g / count, mean)
     else:
         coefs = (None, None, None)
+    grads = _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept)
+    if not need_z:
+        return grads + (None, None)
+    return grads + (grad_gamma, grad_beta)
+
+
+def _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept):
+    """dz (into z's buffer unless z was kept), then (grad children, grad W)."""
     if kept:
         dz = P.agg_backward_dz(z, grad, mask_src, scale, *coefs)
     else:
@@ -107,9 +140,7 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
         P.agg_backward_dz_(dz, grad, mask_src, scale, *coefs)
     residual_grad = (grad, mask_src) if residual else (None, None)
     grad_children, grad_weight = P.agg_backward_gemm(dz, children, weight2d, *residual_grad)
-    if not need_z:
-        return grad_children, grad_weight, None, None
-    return grad_children, grad_weight, grad_gamma, grad_beta
+    return grad_children, grad_weight
 
 
 def update_running_stats(running_mean: Optional[Tensor], running_var: Optional[Tensor],

@@ -55,8 +55,8 @@ def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bi
     weight2d = weight.flatten(1)
     res = children[0] if residual else None
     if batch_stats:
-        z, mean, var, count = _bn.product_with_stats(P, children, weight2d, group)
-        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        z, mean, var, count, scale, shift = _bn.product_stats_affine(P, children, weight2d, bn_weight, bn_bias,
+                                                                     eps, group)
         if keep_z:  # the output in a buffer of its own: backward reads z instead of recomputing it
             return P.agg_apply(z, scale, shift, res), mean, var, count, z
         # memory-efficient: the product is normalised in place (no extra buffer), and recomputed

@@ -60,12 +60,13 @@ def _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, b
             return P.ida_upsample(x, None, None, up_weight, factor, skip), empty, empty.clone(), count
         weight2d = proj_weight.flatten(1)
         if batch_stats:
-            z, mean, var, count = _bn.product_with_stats(P, [x], weight2d, group)
+            z, mean, var, count, scale, shift = _bn.product_stats_affine(P, [x], weight2d, bn_weight, bn_bias, eps,
+                                                                         group)
         else:
             z = _bn.recompute_product(P, [x], weight2d)
             acc = acc_dtype(x.dtype)
             mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+            scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
         return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count
 
 
