@@ -17,10 +17,11 @@ Where the numbers come from (the code, not estimates):
     kernels make more passes (`_aten_bytes`: BatchNorm's training forward reads its input twice,
     statistics then normalisation; its backward reads the input and the gradient twice; the conv
     backward's dgrad and wgrad are separate GEMMs, each reading grad_output).
-  * HBM traffic: a tensor that one launch re-streams (once per block of output channels) is read
-    from HBM once if it fits in the L2 cache (L2_BYTES), else once per block; across launches
-    nothing is assumed to stay cached (a tensor read by two kernels costs twice). Weights and
-    per-channel vectors are read once per launch.
+  * HBM traffic: a tensor that one launch re-streams is read from HBM once when the programs
+    re-reading a piece of it are adjacent in launch order (grid axis 0) or when the whole tensor
+    fits in the L2 cache (L2_BYTES), else once per re-read; across launches nothing is assumed to
+    stay cached (a tensor read by two kernels costs twice). Weights and per-channel vectors are
+    read once per launch.
 
 Predicted time of a path: the sum over its kernels of max(bytes / BANDWIDTH, FLOPs / PEAK) (each
 kernel on its own roofline), and, separately, that plus LAUNCH_S per launch. The ratios are eager
@@ -195,13 +196,18 @@ def _streamed(nbytes: int, times: int) -> int:
 
 def _rule_conv(a, grid):
     """_conv_kernel: program (pixel tile, output-channel block) loads its pixels of every child
-    over all input channels, so the children are streamed once per output-channel block; stores its
+    over all input channels, so the children are read once per output-channel block (from cache
+    when those programs are adjacent, CO_FIRST); stores its
     output tile; the epilogue loads the residual (and gate) tile; with STATS, stores per-tile
     mean and M2 per channel (and a count per tile)."""
     children = a["children"]
     c_in = sum(c[1] for c in children)
     pixels, c_out = a["num_pixels"], a["c_out"]
-    read = _streamed(sum(_nbytes(c[0]) for c in children), _blocks(grid, 1)) + c_out * c_in * a["w_ptr"].element_size()
+    children_bytes = sum(_nbytes(c[0]) for c in children)
+    # re-read once per output block: by adjacent programs with CO_FIRST (once), else streamed
+    read = (children_bytes if a["CO_FIRST"] else _streamed(children_bytes, _blocks(grid, 1))) \
+        + c_out * c_in * a["w_ptr"].element_size()
+    p_tiles = _blocks(grid, 1) if a["CO_FIRST"] else _blocks(grid, 0)
     if a["HAS_SHIFT"]:
         read += c_out * a["shift_ptr"].element_size()
     if a["HAS_RESIDUAL"]:
@@ -211,7 +217,7 @@ def _rule_conv(a, grid):
     write = _nbytes(a["out_ptr"])
     if a["STATS"]:
         acc = a["mean_part"].element_size()
-        write += _blocks(grid, 0) * (2 * c_out + 1) * acc
+        write += p_tiles * (2 * c_out + 1) * acc
     return read, write, 2 * pixels * c_in * c_out
 
 
@@ -261,12 +267,19 @@ def _rule_dz(a, grid):
 
 
 def _rule_weight_grad(a, grid):
-    """_weight_grad_kernel: program (out block, in block, pixel split) loads its dz rows and x
-    columns over its pixels: dz streamed once per input-channel block, x once per output-channel
-    block; stores an fp32 partial per split."""
+    """_weight_grad_kernel: program (out block, in block over all children, pixel split) loads
+    its dz rows and x columns over its pixels: dz streamed once per input-channel block, the
+    children once; with more than one split, fp32 partials are stored
+    and read back by the last split of each tile; grad W stored once in W's dtype."""
+    children = a["children"]
     c_out, c_in, pixels = a["c_out"], a["c_in"], a["num_pixels"]
-    read = _streamed(_nbytes(a["dz_ptr"]), _blocks(grid, 1)) + _streamed(_nbytes(a["x_ptr"]), _blocks(grid, 0))
-    write = _blocks(grid, 2) * c_out * c_in * a["part_ptr"].element_size()
+    # x is re-read by programs adjacent in launch order (axis 0: the output blocks of one input
+    # block) while its columns are in cache: once
+    read = _streamed(_nbytes(a["dz_ptr"]), _blocks(grid, 1)) + sum(_nbytes(c[0]) for c in children)
+    write = c_out * c_in * a["gw_ptr"].element_size()
+    if _blocks(grid, 2) > 1:
+        partials = _blocks(grid, 2) * c_out * c_in * a["part_ptr"].element_size()
+        read, write = read + partials, write + partials
     return read, write, 2 * pixels * c_in * c_out
 
 
@@ -292,7 +305,15 @@ def _rule_upsample_backward(a, grid):
     return read, write, flops
 
 
+def _rule_affine(a, grid):
+    """_affine_kernel: gamma, beta, mean and var; stores scale and shift."""
+    channels = a["channels"]
+    read = channels * sum(a[k].element_size() for k in ("gamma_ptr", "beta_ptr", "mean_ptr", "var_ptr"))
+    return read, 2 * channels * a["out_ptr"].element_size(), 0
+
+
 RULES: Dict[str, Callable] = {
+    "_affine_kernel": _rule_affine,
     "_conv_kernel": _rule_conv, "_finalize_stats_kernel": _rule_finalize, "_coefficients_kernel": _rule_coefficients,
     "_apply_kernel": _rule_apply,
     "_reduce_kernel": _rule_reduce, "_dz_kernel": _rule_dz, "_weight_grad_kernel": _rule_weight_grad,

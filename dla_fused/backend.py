@@ -97,8 +97,9 @@ def _cpp_primitives():
 
 # Optional primitives: a backend that has them lets ops/_bn.py skip its per-channel glue
 # (agg_conv_affine: statistics and BatchNorm's affine; agg_backward_coefficients: the backward's
-# reduction and every per-channel vector). Only the Triton backend has them.
-FUSED_PRIMITIVES = ("agg_conv_affine", "agg_backward_coefficients")
+# reduction and every per-channel vector; bn_affine: BatchNorm's scale and shift). Only the Triton
+# backend has them.
+FUSED_PRIMITIVES = ("agg_conv_affine", "agg_backward_coefficients", "bn_affine")
 
 
 def _triton_primitives():

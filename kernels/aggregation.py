@@ -55,14 +55,27 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
                  mean_part, m2_part, count_part, tiles_used, counters, n_counters, num_pixels, hw, c_out, c_in,
                  children,
                  HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, ACC: tl.constexpr,
-                 DOT: tl.constexpr, PRECISION: tl.constexpr,
+                 HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, CO_FIRST: tl.constexpr,
+                 ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[p, o] = epilogue(sum over children i, channels k of W[o, off_i + k] x_i[p, k]).
     Tile: BLOCK_P pixels (flat over N*H*W) x BLOCK_CO output channels. One compile per number of
-    children (the tuple's length)."""
-    pid_p = tl.program_id(0)
-    n, p, q_ok, co, co_ok = tile(num_pixels, hw, c_out, BLOCK_P, BLOCK_CO)
+    children (the tuple's length). CO_FIRST puts the output-channel blocks on grid axis 0, so
+    that the programs reading the same pixel tile run one after another and the children are
+    streamed from memory once, not once per output block."""
+    if CO_FIRST:
+        pid_co = tl.program_id(0)
+        pid_p = tl.program_id(1)
+        p_tiles = tl.num_programs(1)
+    else:
+        pid_p = tl.program_id(0)
+        pid_co = tl.program_id(1)
+        p_tiles = tl.num_programs(0)
+    q = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    n, p = pixel_coords(q, hw)
+    q_ok = q < num_pixels
+    co_ok = co < c_out
     mask = q_ok[:, None] & co_ok[None, :]
     w_cols = co * sw_o
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
@@ -77,13 +90,16 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
         deviation = tl.where(mask, acc - tile_mean[None, :], 0.0)
         tl.store(mean_part + pid_p * c_out + co, tile_mean, mask=co_ok)
         tl.store(m2_part + pid_p * c_out + co, tl.sum(deviation * deviation, axis=0), mask=co_ok)
-        if tl.program_id(1) == 0:
+        if pid_co == 0:
             tl.store(count_part + pid_p, count.to(ACC))
             if pid_p == 0:  # the finalize reads this many tiles (whatever config ran, or ran before)
-                tl.store(tiles_used, tl.num_programs(0))
-                for i in range(0, n_counters, 64):  # and counts its chunks from zero
-                    slots = i + tl.arange(0, 64)
-                    tl.store(counters + slots, tl.zeros((64,), dtype=tl.int32), mask=slots < n_counters)
+                tl.store(tiles_used, p_tiles)
+    if (pid_p == 0) & (pid_co == 0):
+        # zero the counts the next launch uses (the finalize's chunk counts, or the weight
+        # gradient's tile counts after the first dgrad GEMM): no fill launch
+        for k0 in range(0, n_counters, 64):
+            slots = k0 + tl.arange(0, 64)
+            tl.store(counters + slots, tl.zeros((64,), dtype=tl.int32), mask=slots < n_counters)
     if HAS_SHIFT:
         acc += tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
     if HAS_RESIDUAL:
@@ -167,6 +183,7 @@ def _finalize_stats_kernel(mean_part, m2_part, count_part, tiles_used, chunk_mea
 
 
 FINALIZE_BLOCK_C = 64
+MAX_GRID_Y = 65535  # CUDA's limit on grid axes 1 and 2
 
 
 def _finalize_grid(c_out: int, tiles: int, device):
@@ -184,10 +201,12 @@ def _finalize_grid(c_out: int, tiles: int, device):
     return blocks, chunks, per, block_t, block_c
 
 
-def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False, affine=None):
+def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False, affine=None,
+          zero=None):
     """out = epilogue(sum_i weight[:, off_i:off_i + C_i] x_i); weight is 2-D (C_out, sum C_i), any
     strides. Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors;
-    with `affine` = (gamma, beta, eps) also BatchNorm's (scale, shift) for those statistics."""
+    with `affine` = (gamma, beta, eps) also BatchNorm's (scale, shift) for those statistics.
+    `zero`: an int32 vector the launch zeroes for the next one (not with stats)."""
     acc = acc_dtype(out.dtype)
     n, c_out, h, w = out.shape
     num_pixels = n * h * w
@@ -205,13 +224,17 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
                  out.new_empty(tiles, dtype=acc), scratch[:1], scratch[1:], blocks]
     else:
         int_dummy = out.new_empty(1, dtype=torch.int32)
-        parts = [dummy] * 3 + [int_dummy, int_dummy, 0]
+        parts = [dummy] * 3 + [int_dummy] + ([int_dummy, 0] if zero is None else [zero, zero.numel()])
     dot, precision = dot_types(xs[0].dtype, weight.dtype)
-    _conv_kernel[grid((num_pixels, "BLOCK_P"), (c_out, "BLOCK_CO"))](
+    # output blocks on axis 0 unless the pixel tiles would pass the grid's axis-1 limit
+    co_first = triton.cdiv(num_pixels, 16) <= MAX_GRID_Y
+    dims = ((c_out, "BLOCK_CO"), (num_pixels, "BLOCK_P")) if co_first else ((num_pixels, "BLOCK_P"), (c_out, "BLOCK_CO"))
+    _conv_kernel[grid(*dims)](
         out_view, *out_strides, weight, *weight.stride(), shift if shift is not None else dummy,
         res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], children,
         HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        HAS_GATE=gate is not None, RELU=relu, STATS=stats, ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
+        HAS_GATE=gate is not None, RELU=relu, STATS=stats, CO_FIRST=co_first, ACC=TL_DTYPES[acc], DOT=dot,
+        PRECISION=precision)
     if out_view is not out:
         out.copy_(out_view)
     if not stats:
@@ -380,6 +403,29 @@ def _coefficients_kernel(part_ptr, splits, var_ptr, gamma_ptr, eps, count, chann
         tl.store(out_ptr + 2 * channels + c, -scale * g / count, mask=c_ok)
 
 
+@triton.jit
+def _affine_kernel(gamma_ptr, beta_ptr, mean_ptr, var_ptr, eps, channels, out_ptr, ACC: tl.constexpr,
+                   BLOCK_C: tl.constexpr):
+    """BatchNorm as out[0] * z + out[1]: scale = gamma / sqrt(var + eps), shift = beta - mean * scale."""
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c_ok = c < channels
+    var = tl.load(var_ptr + c, mask=c_ok, other=1.0).to(ACC)
+    scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) / tl.sqrt(var + eps)
+    shift = tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - tl.load(mean_ptr + c, mask=c_ok, other=0.0) * scale
+    tl.store(out_ptr + c, scale, mask=c_ok)
+    tl.store(out_ptr + channels + c, shift, mask=c_ok)
+
+
+def bn_affine(bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, eps: float):
+    """(scale, shift) of BatchNorm with statistics (mean, var), in one launch."""
+    c = mean.numel()
+    out = mean.new_empty((2, c))
+    block_c = 16 if interpreted() else 128
+    _affine_kernel[(triton.cdiv(c, block_c),)](bn_weight, bn_bias, mean, var, float(eps), c, out,
+                                               ACC=TL_DTYPES[mean.dtype], BLOCK_C=block_c)
+    return out[0], out[1]
+
+
 def _reduce_parts(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
     """The reduction launch: (2, splits, C) partial sums of g and g (z - mean)."""
     n, c, h, w = z.shape
@@ -454,23 +500,10 @@ def agg_backward_dz(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch
 # ------------------------------------------------------------------------------------------------
 # Backward GEMMs
 
-@tunable(WEIGHT_GRAD_CONFIGS, key=["num_pixels", "c_out", "c_in"],
-         interpreter=dict(BLOCK_CO="c_out", BLOCK_CI="c_in", BLOCK_K=16),
-         dot_tiles=[("BLOCK_CO", "BLOCK_K"), ("BLOCK_K", "BLOCK_CI")])
-@triton.jit(do_not_specialize=["num_pixels", "chunk"])
-def _weight_grad_kernel(part_ptr, sp_s, sp_o, dz_ptr, sd_n, sd_c, sd_p, x_ptr, sx_n, sx_c, sx_p,
-                        num_pixels, hw, c_out, c_in, chunk, ACC: tl.constexpr, DOT: tl.constexpr,
-                        PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
-                        BLOCK_K: tl.constexpr):
-    """part[s, o, i] = sum over pixels q in split s of dz[q, o] x[q, i] (the pixels are the GEMM's K)."""
-    co = tl.program_id(0) * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    ci = tl.program_id(1) * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    split_id = tl.program_id(2)
-    co_ok = co < c_out
-    ci_ok = ci < c_in
-    start = split_id * chunk
-    end = tl.minimum(start + chunk, num_pixels)
-    acc = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
+@triton.jit
+def _weight_grad_tile(acc, dz_ptr, sd_n, sd_c, sd_p, x_ptr, sx_n, sx_c, sx_p, co, co_ok, ci, ci_ok, start, end, hw,
+                      DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """acc[o, i] += sum over pixels q in [start, end) of dz[q, o] x[q, i] (the pixels are the K)."""
     for q0 in range(start, end, BLOCK_K):
         q = q0 + tl.arange(0, BLOCK_K)
         q_ok = q < end
@@ -479,35 +512,114 @@ def _weight_grad_kernel(part_ptr, sp_s, sp_o, dz_ptr, sd_n, sd_c, sd_p, x_ptr, s
                     mask=co_ok[:, None] & q_ok[None, :], other=0.0)
         x = tl.load(x_ptr + offsets(n, p, ci, sx_n, sx_c, sx_p), mask=q_ok[:, None] & ci_ok[None, :], other=0.0)
         acc += tl.dot(d.to(DOT), x.to(DOT), input_precision=PRECISION)
-    tl.store(part_ptr + split_id * sp_s + co[:, None] * sp_o + ci[None, :], acc,
-             mask=co_ok[:, None] & ci_ok[None, :])
+    return acc
+
+
+@tunable(WEIGHT_GRAD_CONFIGS, key=["num_pixels", "c_out", "c_in"],
+         interpreter=dict(BLOCK_CO="c_out", BLOCK_CI="c_in", BLOCK_K=16),
+         dot_tiles=[("BLOCK_CO", "BLOCK_K"), ("BLOCK_K", "BLOCK_CI")])
+@triton.jit(do_not_specialize=["num_pixels", "chunk"])
+def _weight_grad_kernel(gw_ptr, sgw_o, sgw_i, part_ptr, counters, dz_ptr, sd_n, sd_c, sd_p, children,
+                        num_pixels, hw, c_out, c_in, chunk, ACC: tl.constexpr, DOT: tl.constexpr,
+                        PRECISION: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                        BLOCK_K: tl.constexpr):
+    """grad W[o, off_i + k] = sum over pixels of dz[q, o] x_i[q, k] for every child in one launch.
+    Program (output block, input block, pixel split); the input blocks run child by child. With
+    one split the tile goes straight to grad W (in W's dtype); with more, each split stores an fp32
+    partial and the last split of a tile to finish (an atomic count per tile) sums the partials in
+    split order (deterministic), stores grad W and zeroes its count again."""
+    pid_co = tl.program_id(0)
+    pid_ci = tl.program_id(1)
+    split_id = tl.program_id(2)
+    splits = tl.num_programs(2)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < c_out
+    start = split_id * chunk
+    end = tl.minimum(start + chunk, num_pixels)
+    first_block = 0
+    first_col = 0
+    for i in tl.static_range(len(children)):  # children: (x, channels, s_n, s_c, s_p) each
+        x, c_i, sx_n, sx_c, sx_p = children[i]
+        blocks = tl.cdiv(c_i, BLOCK_CI)
+        if (pid_ci >= first_block) & (pid_ci < first_block + blocks):
+            ci = (pid_ci - first_block) * BLOCK_CI + tl.arange(0, BLOCK_CI)
+            ci_ok = ci < c_i
+            acc = _weight_grad_tile(tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC), dz_ptr, sd_n, sd_c, sd_p, x,
+                                    sx_n, sx_c, sx_p, co, co_ok, ci, ci_ok, start, end, hw, DOT, PRECISION, BLOCK_K)
+            cols = first_col + ci
+            mask = co_ok[:, None] & ci_ok[None, :]
+            gw = gw_ptr + co[:, None] * sgw_o + cols[None, :] * sgw_i
+            if splits == 1:
+                tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=mask)
+            else:
+                tile = co[:, None] * c_in + cols[None, :]
+                tl.store(part_ptr + split_id * c_out * c_in + tile, acc, mask=mask)
+                tl.debug_barrier()  # every thread's stores before the count (acq_rel atomic)
+                count = counters + pid_co * tl.num_programs(1) + pid_ci
+                if tl.atomic_add(count, 1) == splits - 1:
+                    total = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
+                    for s in range(0, splits):
+                        total += tl.load(part_ptr + s * c_out * c_in + tile, mask=mask, other=0.0,
+                                         cache_modifier=".cg")
+                    tl.store(gw, total.to(gw_ptr.dtype.element_ty), mask=mask)
+                    tl.atomic_xchg(count, 0)  # clean for the next launch (autotuning reruns it)
+        first_block += blocks
+        first_col += c_i
+
+
+# fp32 weight-gradient partials may take at most this share of the bytes the kernel reads
+WEIGHT_GRAD_PARTIALS = 0.05
+
+
+def _weight_grad_splits(num_pixels: int, c_out: int, children, dz) -> int:
+    """Pixel splits of the weight gradient: about two programs per multiprocessor, each over at
+    least 256 pixels, with partials under WEIGHT_GRAD_PARTIALS of the bytes read (dz and x)."""
+    if interpreted():
+        return 2
+    c_in = sum(c.shape[1] for c in children)
+    tiles = triton.cdiv(c_out, 64) * sum(triton.cdiv(c.shape[1], 64) for c in children)
+    read = dz.numel() * dz.element_size() + sum(c.numel() * c.element_size() for c in children)
+    budget = int(WEIGHT_GRAD_PARTIALS * read) // (c_out * c_in * 4)
+    return max(1, min(triton.cdiv(num_pixels, 256), 2 * num_sms(dz.device) // tiles, budget))
 
 
 def agg_backward_gemm(dz: torch.Tensor, children: List[torch.Tensor], weight: torch.Tensor,
                       grad_out: Optional[torch.Tensor], out: Optional[torch.Tensor]):
+    """(grad of each child, grad W in W's dtype): one dgrad GEMM launch per child (the residual
+    and its ReLU gate in the first one's epilogue), one weight-gradient launch for all children."""
     acc = acc_dtype(dz.dtype)
     n, c_out, h, w = dz.shape
     num_pixels = n * h * w
     dzv, dz_strides = pixel_view(dz)
-    dot, precision = dot_types(dz.dtype, children[0].dtype)
-    grads, grad_weight, start = [], dz.new_empty(weight.shape, dtype=acc), 0
+    c_in = weight.shape[1]
+    splits, chunk = split(num_pixels, _weight_grad_splits(num_pixels, c_out, children, dz))
+    if splits > 1:
+        part = dz.new_empty((splits, c_out, c_in), dtype=acc)
+        # a count per output tile, for blocks of at least 16 (every config and the interpreter),
+        # zeroed by the first dgrad launch
+        counters = dz.new_empty(triton.cdiv(c_out, 16) * sum(triton.cdiv(c.shape[1], 16) for c in children),
+                                dtype=torch.int32)
+    else:
+        part = counters = None
+    grads, start = [], 0
     for i, child in enumerate(children):
-        c_in = child.shape[1]
+        c_i = child.shape[1]
         grad = empty_like_format(child.shape, child)
         residual = grad_out if i == 0 else None
-        _gemm(grad, [dzv], weight[:, start:start + c_in].t(), residual=residual,
-              gate=out if residual is not None else None)
+        _gemm(grad, [dzv], weight[:, start:start + c_i].t(), residual=residual,
+              gate=out if residual is not None else None, zero=counters if i == 0 else None)
         grads.append(grad)
-        if interpreted():
-            splits, chunk = split(num_pixels, 2)
-        else:  # split the pixels (the GEMM's K) until there are about four programs per multiprocessor
-            programs = 4 * num_sms(dz.device) // (triton.cdiv(c_out, 64) * triton.cdiv(c_in, 64))
-            splits, chunk = split(num_pixels, min(triton.cdiv(num_pixels, 256), max(1, programs)))
-        part = dz.new_empty((splits, c_out, c_in), dtype=acc)
-        x, x_strides = pixel_view(child)
-        _weight_grad_kernel[grid((c_out, "BLOCK_CO"), (c_in, "BLOCK_CI"), splits)](
-            part, *part.stride()[:2], dzv, *dz_strides, x, *x_strides, num_pixels, h * w, c_out, c_in, chunk,
-            ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
-        grad_weight[:, start:start + c_in] = part.sum(dim=0)
-        start += c_in
-    return grads, grad_weight.to(weight.dtype)
+        start += c_i
+    if part is None:
+        part = counters = dz.new_empty(1, dtype=torch.int32)
+    dot, precision = dot_types(dz.dtype, children[0].dtype)
+    xs = tuple((x, x.shape[1], *strides) for x, strides in map(pixel_view, children))
+    grad_weight = dz.new_empty(weight.shape, dtype=weight.dtype)
+
+    def weight_grid(meta):
+        return (triton.cdiv(c_out, meta["BLOCK_CO"]), sum(triton.cdiv(c.shape[1], meta["BLOCK_CI"]) for c in children),
+                splits)
+    _weight_grad_kernel[weight_grid](
+        grad_weight, *grad_weight.stride(), part, counters, dzv, *dz_strides, xs, num_pixels, h * w, c_out, c_in,
+        chunk, ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
+    return grads, grad_weight

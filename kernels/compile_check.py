@@ -68,6 +68,15 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last, shape):
                                                                                      out, out)))
     two = children[:2]
     two_weight = torch.randn(c_out, sum(x.shape[1] for x in two)).to(dtype)
+    calls += [  # the Triton backend's fused steps (ops/_bn.py)
+        ("agg_conv_affine[2 children]",
+         lambda: aggregation.agg_conv_affine(two, two_weight, vec(c_out), vec(c_out), 1e-5)),
+        ("agg_backward_coefficients", lambda: aggregation.agg_backward_coefficients(
+            out, out, out, vec(c_out), vec(c_out), vec(c_out), 1e-5, 8, True)),
+        ("agg_backward_coefficients[eval, no out]", lambda: aggregation.agg_backward_coefficients(
+            out, None, out, vec(c_out), vec(c_out), vec(c_out), 1e-5, 8, False)),
+        ("bn_affine", lambda: aggregation.bn_affine(vec(c_out), vec(c_out), vec(c_out), vec(c_out), 1e-5)),
+    ]
     calls += [
         ("agg_apply_[residual]", lambda: aggregation.agg_apply_(out.clone(), vec(c_out), vec(c_out), out)),
         ("agg_apply_", lambda: aggregation.agg_apply_(out.clone(), vec(c_out), vec(c_out), None)),

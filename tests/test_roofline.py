@@ -57,7 +57,7 @@ def test_eager_node_bytes_are_its_passes():
 
 
 def test_conv_rule_is_the_hand_count():
-    """_conv_kernel with statistics over 2 children: the children once (they fit in L2), the
+    """_conv_kernel with statistics over 2 children: the children once (output blocks adjacent), the
     weight once, the output written once, two fp32 partials per (pixel tile, channel) and a count
     per tile; FLOPs 2 P C_in C_out."""
     n, h, w, c_out = 2, 9, 7, 5
@@ -67,9 +67,9 @@ def test_conv_rule_is_the_hand_count():
     part = torch.empty(16, c_out)
     args = dict(children=tuple((c, c.shape[1]) for c in children), num_pixels=n * h * w, c_out=c_out,
                 w_ptr=weight, HAS_SHIFT=False, HAS_RESIDUAL=False, HAS_GATE=False, out_ptr=out, STATS=True,
-                mean_part=part)
+                mean_part=part, CO_FIRST=True)
     tiles = 3
-    read, write, flops = roofline.RULES["_conv_kernel"](args, (tiles, 1))
+    read, write, flops = roofline.RULES["_conv_kernel"](args, (1, tiles))
     assert read == sum(c.numel() * 2 for c in children) + weight.numel() * 2
     assert write == out.numel() * 2 + tiles * (2 * c_out + 1) * 4
     assert flops == 2 * n * h * w * 7 * c_out

@@ -20,8 +20,11 @@ def pixel_count(x: Tensor) -> int:
     return x.shape[0] * x.shape[2] * x.shape[3]
 
 
-def affine(bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor, eps: float) -> Tuple[Tensor, Tensor]:
-    """BatchNorm as y = scale * z + shift: returns (scale, shift)."""
+def affine(bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor, eps: float, P=None) -> Tuple[Tensor, Tensor]:
+    """BatchNorm as y = scale * z + shift: returns (scale, shift). A backend `P` with `bn_affine`
+    (Triton) computes them in one launch."""
+    if getattr(P, "bn_affine", None) is not None:
+        return P.bn_affine(bn_weight, bn_bias, mean, var, eps)
     scale = bn_weight.to(mean.dtype) * torch.rsqrt(var + eps)
     return scale, bn_bias.to(mean.dtype) - mean * scale
 

@@ -66,7 +66,7 @@ def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bi
     # Eval: BatchNorm folded into the weights, one GEMM with a bias + residual + ReLU epilogue.
     acc = acc_dtype(weight.dtype)
     mean, var = running_mean.to(acc), running_var.to(acc)
-    scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+    scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
     folded = (weight2d.to(acc) * scale[:, None]).to(weight.dtype)
     out = P.agg_conv(children, folded, shift, res, True, False)[0]
     return out, mean.clone(), var.clone(), _bn.pixel_count(children[0]), None
@@ -186,10 +186,14 @@ class _AggregationNodeFunction(torch.autograd.Function):
             ctx.save_for_backward(out, mean, var, weight, bn_weight, z, *children)
         ctx.args = (P, group, batch_stats, eps, residual, count, z is not None)
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
+        if grad_out is None:  # the output did not reach the loss
+            children = len(ctx.saved_tensors) - 5 - ctx.args[-1]  # saved: out, mean, var, weight, bn_weight, [z]
+            return (None,) * (11 + children)
         P, group, batch_stats, eps, residual, count, kept = ctx.args
         out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
         z = children.pop(0) if kept else None

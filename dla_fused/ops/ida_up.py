@@ -66,7 +66,7 @@ def _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, b
             z = _bn.recompute_product(P, [x], weight2d)
             acc = acc_dtype(x.dtype)
             mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
-            scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+            scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
         return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count
 
 
@@ -80,7 +80,7 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
             grad_x, grad_up = P.ida_upsample_backward(grad_out, x, None, None, up_weight, factor)
             return grad_x, None, None, None, grad_up if up_weight is not None else None
         weight2d = proj_weight.flatten(1)
-        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps)
+        scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
         z = _bn.recompute_product(P, [x], weight2d)
         grad_p, grad_up = P.ida_upsample_backward(grad_out, z, scale, shift, up_weight, factor)
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_p, None, [x], weight2d, bn_weight, mean, var, eps,
@@ -199,10 +199,13 @@ class _IDAUpFunction(torch.autograd.Function):
         ctx.save_for_backward(x, proj_weight, bn_weight, bn_bias, up_weight, mean, var)
         ctx.args = (P, group, batch_stats, eps, factor, count, skip is not None)
         ctx.mark_non_differentiable(mean, var)
+        ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
         return out, mean, var
 
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
+        if grad_out is None:  # the output did not reach the loss
+            return (None,) * 13
         x, proj_weight, bn_weight, bn_bias, up_weight, mean, var = ctx.saved_tensors
         P, group, batch_stats, eps, factor, count, has_skip = ctx.args
         bn_grads = proj_weight is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
