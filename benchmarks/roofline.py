@@ -31,14 +31,13 @@ import contextlib
 import functools
 import inspect
 import os
-from collections import Counter
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Tuple
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from launches import launches_kernel
+from launches import count_launches, launches_kernel
 
 # H200 SXM: HBM3e sustained ~4.3 TB/s (of 4.8 peak), dense bf16 tensor-core peak ~989 TFLOP/s,
 # 132 multiprocessors. LAUNCH_S: the host and launch cost of one kernel without CUDA graphs, an
@@ -157,12 +156,9 @@ def _aten_bytes(func, args, kwargs, out) -> Tuple[int, int, int]:
     write = sum(map(_nbytes, outputs))
     flops = 0
     if name == "convolution":
-        w = named["weight"]
-        x = named["input"] if named.get("transposed") else outputs[0]  # each MAC: one (input, tap) or (output, tap)
-        flops = 2 * x.numel() * w.shape[1] * w.shape[2] * w.shape[3]
+        flops = _conv_flops(named["input"].shape, named["weight"].shape, outputs[0].shape, named["transposed"])
     elif name in ("mm", "addmm", "bmm", "baddbmm"):
         a = named["mat1"] if "mat1" in named else named.get("self" if name in ("mm", "bmm") else "batch1")
-        b = named["mat2"] if "mat2" in named else named.get("batch2")
         flops = 2 * outputs[0].numel() * a.shape[-1]
     if written and outputs:  # in-place or out=: the written argument is the output, counted once
         read -= sum(_nbytes(named[n]) for n in written if n in named and n != "self")
@@ -382,21 +378,35 @@ def trace_eager(call_on: Callable[[torch.device], Tuple[Callable, list]]) -> Tra
     return trace
 
 
+@contextlib.contextmanager
+def _triton_backend():
+    from dla_fused import backend
+    saved = backend._requested
+    backend.set_backend("triton")
+    try:
+        yield
+    finally:
+        backend._requested = saved
+
+
 def trace_triton(call_on: Callable[[torch.device], Tuple[Callable, list]]) -> Trace:
     """The Triton path's forward + backward at full size, launches intercepted (Triton's
     interpreter must be on: TRITON_INTERPRET=1)."""
-    from dla_fused import backend
     trace = Trace()
     call, inputs = call_on(torch.device("cpu"))
-    saved = backend._requested
-    backend.set_backend("triton")
     recorder = _AtenRecorder(trace)
-    try:
-        with _gpu_host_paths(trace), recorder:
-            _fwd_bwd(call, inputs, recorder)
-    finally:
-        backend._requested = saved
+    with _triton_backend(), _gpu_host_paths(trace), recorder:
+        _fwd_bwd(call, inputs, recorder)
     return trace
+
+
+def launches_made(call_on: Callable[[torch.device], Tuple[Callable, list]]):
+    """(Triton launches, ATen ops) of the Triton path's forward + backward running for real under
+    the interpreter (benchmarks/launches.py counts them); the incoming gradient is not counted."""
+    call, inputs = call_on(torch.device("cpu"))
+    with _triton_backend():
+        grad = torch.ones_like(call())
+        return count_launches(lambda: torch.autograd.grad(call(), inputs, grad))
 
 
 # ------------------------------------------------------------------------------------------------
