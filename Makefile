@@ -13,12 +13,12 @@ demo: install
 	$(PY) -m dla_fused demo
 
 # Tests run in one pytest-xdist worker per core. The sm_90 compile sweep of every Triton kernel
-# variant takes minutes: `make compile-check` runs it (CI runs both).
+# variant takes minutes: `make compile-check` runs it, one dtype per worker (CI runs both).
 test: install
 	$(PY) -m pytest tests -q -n $(JOBS) --dist worksteal -m "not compile_sweep"
 
 compile-check: install
-	$(PY) -m pytest tests -q -m compile_sweep
+	$(PY) -m pytest tests -q -n $(JOBS) -m compile_sweep
 
 bench: install
 	$(PY) -m pytest benchmarks -q

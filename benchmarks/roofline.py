@@ -194,8 +194,9 @@ def _rule_conv(a, grid):
     """_conv_kernel: program (pixel tile, output-channel block) loads its pixels of every child
     over all input channels, so the children are read once per output-channel block (from cache
     when those programs are adjacent, CO_FIRST); stores its
-    output tile; the epilogue loads the residual (and gate) tile; with STATS, stores per-tile
-    mean and M2 per channel (and a count per tile)."""
+    output tile (unless STORE is off: statistics only); the epilogue loads the residual (and
+    gate) tile, and BatchNorm's scale and shift (HAS_SCALE) or a bias (HAS_SHIFT); with STATS,
+    stores per-tile mean and M2 per channel (and a count per tile)."""
     children = a["children"]
     c_in = sum(c[1] for c in children)
     pixels, c_out = a["num_pixels"], a["c_out"]
@@ -204,13 +205,13 @@ def _rule_conv(a, grid):
     read = (children_bytes if a["CO_FIRST"] else _streamed(children_bytes, _blocks(grid, 1))) \
         + c_out * c_in * a["w_ptr"].element_size()
     p_tiles = _blocks(grid, 1) if a["CO_FIRST"] else _blocks(grid, 0)
-    if a["HAS_SHIFT"]:
-        read += c_out * a["shift_ptr"].element_size()
+    if a["HAS_SHIFT"] or a["HAS_SCALE"]:
+        read += (1 + a["HAS_SCALE"]) * c_out * a["shift_ptr"].element_size()
     if a["HAS_RESIDUAL"]:
         read += _nbytes(a["res_ptr"])
         if a["HAS_GATE"]:
             read += _nbytes(a["gate_ptr"])
-    write = _nbytes(a["out_ptr"])
+    write = _nbytes(a["out_ptr"]) if a["STORE"] else 0
     if a["STATS"]:
         acc = a["mean_part"].element_size()
         write += p_tiles * (2 * c_out + 1) * acc
@@ -221,7 +222,8 @@ def _rule_finalize(a, grid):
     """_finalize_stats_kernel: program (channel block, tile chunk) walks its tiles twice (means;
     means, M2 and counts) and stores its chunk's (count, mean, M2); the last program of a block
     walks the chunks the same way and stores mean and variance, with AFFINE also scale and shift
-    (reading gamma and beta)."""
+    (reading gamma and beta), with RUNNING also the running mean and variance (read and stored)
+    and num_batches_tracked."""
     tiles = a["mean_part"].shape[0]  # rows allocated for the GEMM's tiles (an upper bound)
     acc = a["mean_part"].element_size()
     channels, blocks, chunks = a["channels"], _blocks(grid, 0), _blocks(grid, 1)
@@ -230,6 +232,10 @@ def _rule_finalize(a, grid):
     if a["AFFINE"]:
         read += channels * (a["gamma_ptr"].element_size() + a["beta_ptr"].element_size())
         write += 2 * channels * acc
+    if a["RUNNING"]:
+        running = channels * (a["rmean_ptr"].element_size() + a["rvar_ptr"].element_size())
+        nbt = 2 * a["nbt_ptr"].element_size() if a["HAS_NBT"] else 0
+        read, write = read + running + nbt // 2, write + running + nbt // 2
     return read, write, 0
 
 
@@ -243,9 +249,55 @@ def _rule_coefficients(a, grid):
 
 
 def _rule_apply(a, grid):
-    """_apply_kernel: z in place, (+ residual)."""
+    """_apply_kernel: z (+ residual) in, out (in place or not) out."""
     z = _nbytes(a["z_ptr"])
-    return z + (_nbytes(a["res_ptr"]) if a["HAS_RESIDUAL"] else 0), z, 0
+    return z + (_nbytes(a["res_ptr"]) if a["HAS_RESIDUAL"] else 0), _nbytes(a["out_ptr"]), 0
+
+
+def _rule_backward_sums(a, grid):
+    """_backward_sums_kernel: program (output block, split) walks its pixel tiles: the children
+    (RECOMPUTE: the product again, each block's programs adjacent on axis 0, so once) or the kept
+    z, grad_out, and with a residual its tile of children[0] (already in cache when recomputing:
+    the product just read it); stores two partial rows per split, which the last split of a
+    block reads back, then six per-channel vectors."""
+    children, c_out = a["children"], a["c_out"]
+    acc = a["part_ptr"].element_size()
+    splits = _blocks(grid, 1)
+    read = _nbytes(a["go_ptr"]) + 4 * c_out * acc
+    flops = 0
+    if a["RECOMPUTE"]:
+        c_in = sum(c[1] for c in children)
+        read += sum(_nbytes(c[0]) for c in children) + c_out * c_in * a["w_ptr"].element_size()
+        flops = 2 * a["num_pixels"] * c_in * c_out
+    else:
+        read += _nbytes(a["z_ptr"]) + (_nbytes(a["res_ptr"]) if a["HAS_RESIDUAL"] else 0)
+    partials = 2 * splits * c_out * acc
+    return read + partials, partials + 6 * c_out * acc, flops
+
+
+def _rule_backward_chained(a, grid):
+    """_backward_chained_kernel: program (input block, split) walks its pixel tiles; the programs
+    of one split, adjacent on axis 0, walk the same tiles together, so grad_out, the kept z (or,
+    RECOMPUTE, the children of the product) and the children are read once; W once; stores grad x
+    (every child once) and grad W, with more than one split through fp32 partials that the last
+    split of a block reads back. FLOPs: grad x and grad W, the product again per input block when
+    recomputing, and the residual's one-hot product."""
+    children, c_out, c_in, pixels = a["children"], a["c_out"], a["c_in"], a["num_pixels"]
+    acc = a["mean_ptr"].element_size()
+    blocks, splits = _blocks(grid, 0), _blocks(grid, 1)
+    read = _nbytes(a["go_ptr"]) + sum(_nbytes(c[0]) for c in children) + c_out * c_in * a["w_ptr"].element_size() \
+        + 5 * c_out * acc
+    gemm = 2 * pixels * c_in * c_out
+    flops = 2 * gemm + (blocks * gemm if a["RECOMPUTE"] else 0)
+    if not a["RECOMPUTE"]:
+        read += _nbytes(a["z_ptr"])
+    if a["HAS_RESIDUAL"]:
+        flops += 2 * pixels * a["BLOCK_CO"] * children[0][1]
+    write = sum(_nbytes(g[0]) for g in a["grads"]) + c_out * c_in * a["gw_ptr"].element_size()
+    if splits > 1:
+        partials = splits * c_out * c_in * a["part_ptr"].element_size()
+        read, write = read + partials, write + partials
+    return read, write, flops
 
 
 def _rule_reduce(a, grid):
@@ -301,6 +353,29 @@ def _rule_upsample_backward(a, grid):
     return read, write, flops
 
 
+def _rule_upsample_backward_fused(a, grid):
+    """_upsample_backward_fused_kernel: program (channel block, coarse tile) recomputes its z
+    tile (x read once: a tile's channel blocks are adjacent on axis 0), gathers its window of
+    grad_out (once: windows overlap in cache), stores the gradient of p (and z with STORE_Z), a
+    row of the two sums and, with the upsample, its up-weight partials per (channel, tap), which
+    the last tile of each block reads back with the sum rows; then six per-channel vectors and
+    grad u."""
+    (x, c_in, *_), = a["children"]
+    channels, pixels = a["channels"], a["num_pixels"]
+    acc = a["part_ptr"].element_size()
+    tiles = _blocks(grid, 1)
+    read = _nbytes(a["go_ptr"]) + _nbytes(x) + channels * c_in * a["w_ptr"].element_size() + 4 * channels * acc
+    write = _nbytes(a["gp_ptr"]) + (_nbytes(a["zs_ptr"]) if a["STORE_Z"] else 0) + 6 * channels * acc
+    partials = 2 * tiles * channels * acc
+    flops = 2 * pixels * c_in * channels
+    if a["HAS_UP"]:
+        taps = 2 * a["factor"]
+        partials += tiles * channels * taps * taps * acc
+        write += _nbytes(a["gu_ptr"])
+        flops += 2 * 2 * taps * taps * pixels * channels
+    return read + partials, write + partials, flops
+
+
 def _rule_affine(a, grid):
     """_affine_kernel: gamma, beta, mean and var; stores scale and shift."""
     channels = a["channels"]
@@ -312,8 +387,10 @@ RULES: Dict[str, Callable] = {
     "_affine_kernel": _rule_affine,
     "_conv_kernel": _rule_conv, "_finalize_stats_kernel": _rule_finalize, "_coefficients_kernel": _rule_coefficients,
     "_apply_kernel": _rule_apply,
+    "_backward_sums_kernel": _rule_backward_sums, "_backward_chained_kernel": _rule_backward_chained,
     "_reduce_kernel": _rule_reduce, "_dz_kernel": _rule_dz, "_weight_grad_kernel": _rule_weight_grad,
     "_upsample_kernel": _rule_upsample, "_upsample_backward_kernel": _rule_upsample_backward,
+    "_upsample_backward_fused_kernel": _rule_upsample_backward_fused,
 }
 
 
@@ -392,9 +469,11 @@ def _triton_backend():
 def trace_triton(call_on: Callable[[torch.device], Tuple[Callable, list]]) -> Trace:
     """The Triton path's forward + backward at full size, launches intercepted (Triton's
     interpreter must be on: TRITON_INTERPRET=1)."""
+    from dla_fused.kernels import aggregation
     trace = Trace()
     call, inputs = call_on(torch.device("cpu"))
     recorder = _AtenRecorder(trace)
+    aggregation._counters(torch.device("cpu"), 1 << 14)  # the counters' one-time fill, as after a first call
     with _triton_backend(), _gpu_host_paths(trace), recorder:
         _fwd_bwd(call, inputs, recorder)
     return trace
@@ -413,7 +492,7 @@ def launches_made(call_on: Callable[[torch.device], Tuple[Callable, list]]):
 # The op cases at the GPU benchmark size
 
 def _agg_call(shapes, out, residual, fused):
-    from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference
+    from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference, default_memory_efficient
 
     def call_on(device):
         g = torch.Generator(device="cpu").manual_seed(0)
@@ -426,8 +505,8 @@ def _agg_call(shapes, out, residual, fused):
         gamma = make(out).float().requires_grad_()
         beta = make(out).float().requires_grad_()
         mean, var = torch.zeros(out, device=device), torch.ones(out, device=device)
-        if fused:  # as on a GPU by default: z recomputed in backward
-            fn = functools.partial(aggregation_node, memory_efficient=True)
+        if fused:  # as on a GPU by default
+            fn = functools.partial(aggregation_node, memory_efficient=default_memory_efficient(torch.device("cuda")))
         else:
             fn = aggregation_node_reference
         return (lambda: fn(children, weight, gamma, beta, mean, var, None, True, 0.1, 1e-5, residual),

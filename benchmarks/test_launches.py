@@ -3,8 +3,8 @@ PyTorch, and the Triton path and the C++ kernels of the fused ops (benchmarks/la
 
 On the CPU the Triton kernels run in Triton's interpreter at the case's channels on 2 images of
 4x4 pixels (the number of launches does not depend on the batch or image size) and launches are
-counted at dispatch; the Triton path runs as on a GPU, recomputing the conv output in backward
-(memory_efficient=True, the GPU default). A C++ op (fused:cpu) counts once there, whatever it runs
+counted at dispatch; the Triton path runs as on a GPU (memory_efficient at the GPU default, which
+keeps the conv output for backward). A C++ op (fused:cpu) counts once there, whatever it runs
 inside. On a GPU the profiler counts the CUDA kernels at the case's full size."""
 import functools
 

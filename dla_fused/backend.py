@@ -97,9 +97,11 @@ def _cpp_primitives():
 
 # Optional primitives: a backend that has them lets ops/_bn.py skip its per-channel glue
 # (agg_conv_affine: statistics and BatchNorm's affine; agg_backward_coefficients: the backward's
-# reduction and every per-channel vector; bn_affine: BatchNorm's scale and shift). Only the Triton
-# backend has them.
-FUSED_PRIMITIVES = ("agg_conv_affine", "agg_backward_coefficients", "bn_affine")
+# reduction and every per-channel vector; bn_affine: BatchNorm's scale and shift;
+# agg_forward_train and agg_backward_fused, ida_forward_train and ida_backward_fused: each op's
+# whole training forward and backward, docs/design.md section 2). Only the Triton backend has them.
+FUSED_PRIMITIVES = ("agg_conv_affine", "agg_backward_coefficients", "bn_affine", "agg_forward_train",
+                    "agg_backward_fused", "ida_forward_train", "ida_backward_fused")
 
 
 def _triton_primitives():

@@ -15,12 +15,16 @@ import triton.language as tl
 
 from dla_fused.ops.primitives import acc_dtype
 
-from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, num_sms, offsets, pixel_coords,
-                      pixel_view, round_to, split, tile, tunable)
+from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, interpreter_block, num_sms,
+                      offsets, pixel_coords, pixel_view, round_to, split, tile, tunable)
 
-GEMM_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                for p, co, k, w, s in ((128, 64, 32, 4, 3), (128, 128, 32, 8, 3), (64, 64, 32, 4, 4),
-                                       (64, 128, 64, 4, 3), (128, 64, 64, 8, 4))]
+# Every config of the product kernel takes the input channels PRODUCT_K at a time, as the fused
+# backward kernels do: a product recomputed there is then the same sequence of tl.dot calls, so
+# the same bits, as the forward's (the ReLU mask is recomputed, not read).
+PRODUCT_K = 32
+GEMM_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_CO": co, "BLOCK_K": PRODUCT_K}, num_warps=w, num_stages=s)
+                for p, co, w, s in ((128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+                                    (128, 64, 8, 4))]
 WEIGHT_GRAD_CONFIGS = [triton.Config({"BLOCK_CO": co, "BLOCK_CI": ci, "BLOCK_K": k}, num_warps=w, num_stages=s)
                        for co, ci, k, w, s in ((64, 64, 64, 4, 3), (128, 64, 32, 8, 3), (64, 128, 32, 8, 3),
                                                (128, 128, 32, 8, 4), (64, 64, 128, 4, 4))]
@@ -47,22 +51,52 @@ def _accumulate(acc, x_ptr, c_in, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, 
     return acc
 
 
+@triton.jit
+def _product(children, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, ACC: tl.constexpr, DOT: tl.constexpr,
+             PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The [BLOCK_P, BLOCK_CO] tile of z = sum over children i of W_i x_i, child by child, BLOCK_K
+    input channels at a time: every kernel that forms z (forward or recomputed) calls this."""
+    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
+    for i in tl.static_range(len(children)):  # children: (x, channels, s_n, s_c, s_p) each
+        x, c_i, s_n, s_c, s_p = children[i]
+        acc = _accumulate(acc, x, c_i, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
+        w_ptr += c_i * sw_k
+    return acc
+
+
+@triton.jit
+def _normalize(z, scale, shift):
+    """BatchNorm of z (in its storage dtype) as scale * z + shift, in scale's dtype: the one
+    expression that forms the forward's output and, in backward, its recomputed ReLU mask."""
+    return z.to(scale.dtype) * scale[None, :] + shift[None, :]
+
+
+@triton.jit
+def _bn_affine(gamma, beta, mean, var, eps):
+    """(scale, shift) of BatchNorm: gamma / sqrt(var + eps), beta - mean * scale."""
+    scale = gamma.to(var.dtype) / tl.sqrt(var + eps)
+    return scale, beta.to(var.dtype) - mean * scale
+
+
 @tunable(GEMM_CONFIGS, key=["num_pixels", "c_out", "c_in", "so_c"], interpreter=GEMM_INTERPRETER,
          dot_tiles=[("BLOCK_P", "BLOCK_K"), ("BLOCK_K", "BLOCK_CO")])
 @triton.jit(do_not_specialize=["num_pixels"])
-def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
+def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, scale_ptr, shift_ptr,
                  res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
                  mean_part, m2_part, count_part, tiles_used, counters, n_counters, num_pixels, hw, c_out, c_in,
                  children,
-                 HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, CO_FIRST: tl.constexpr,
+                 HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                 HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, STORE: tl.constexpr,
+                 CO_FIRST: tl.constexpr,
                  ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
     """out[p, o] = epilogue(sum over children i, channels k of W[o, off_i + k] x_i[p, k]).
     Tile: BLOCK_P pixels (flat over N*H*W) x BLOCK_CO output channels. One compile per number of
-    children (the tuple's length). CO_FIRST puts the output-channel blocks on grid axis 0, so
-    that the programs reading the same pixel tile run one after another and the children are
-    streamed from memory once, not once per output block."""
+    children (the tuple's length). Epilogues: STATS (per-tile statistics; STORE False: nothing
+    else is stored), HAS_SCALE (BatchNorm on the product rounded to out's dtype, as the forward
+    that stored z applied it) or HAS_SHIFT (a bias), the residual (gated), ReLU. CO_FIRST puts
+    the output-channel blocks on grid axis 0, so that the programs reading the same pixel tile run
+    one after another and the children are streamed from memory once, not once per output block."""
     if CO_FIRST:
         pid_co = tl.program_id(0)
         pid_p = tl.program_id(1)
@@ -77,12 +111,8 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
     q_ok = q < num_pixels
     co_ok = co < c_out
     mask = q_ok[:, None] & co_ok[None, :]
-    w_cols = co * sw_o
-    acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
-    for i in tl.static_range(len(children)):  # children: (x, channels, s_n, s_c, s_p) each
-        x, c_i, s_n, s_c, s_p = children[i]
-        acc = _accumulate(acc, x, c_i, s_n, s_c, s_p, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, DOT, PRECISION, BLOCK_K)
-        w_ptr += c_i * sw_k
+    acc = _product(children, w_ptr, sw_k, co * sw_o, co_ok, n, p, q_ok, ACC, DOT, PRECISION, BLOCK_P, BLOCK_CO,
+                   BLOCK_K)
 
     if STATS:  # this tile's mean and sum of squared deviations (M2) over its valid pixels
         count = tl.minimum(num_pixels - pid_p * BLOCK_P, BLOCK_P)
@@ -100,7 +130,10 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
         for k0 in range(0, n_counters, 64):
             slots = k0 + tl.arange(0, 64)
             tl.store(counters + slots, tl.zeros((64,), dtype=tl.int32), mask=slots < n_counters)
-    if HAS_SHIFT:
+    if HAS_SCALE:
+        acc = _normalize(round_to(acc, out_ptr.dtype.element_ty), tl.load(scale_ptr + co, mask=co_ok, other=0.0),
+                         tl.load(shift_ptr + co, mask=co_ok, other=0.0))
+    elif HAS_SHIFT:
         acc += tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(res_ptr + offsets(n, p, co, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(ACC)
@@ -110,8 +143,8 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, shift_ptr,
         acc += residual
     if RELU:
         acc = tl.maximum(acc, 0.0)
-    out = round_to(acc, out_ptr.dtype.element_ty)
-    tl.store(out_ptr + offsets(n, p, co, so_n, so_c, so_p), out, mask=mask)
+    if STORE:
+        tl.store(out_ptr + offsets(n, p, co, so_n, so_c, so_p), round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -149,13 +182,20 @@ def _chan_merge(mean_rows, m2_rows, count_rows, r0, r1, c, c_ok, channels,
 @triton.jit
 def _finalize_stats_kernel(mean_part, m2_part, count_part, tiles_used, chunk_mean, chunk_m2, chunk_count, counters,
                            mean_ptr, var_ptr, gamma_ptr, beta_ptr, scale_ptr, shift_ptr, eps, channels,
-                           tiles_per_chunk, AFFINE: tl.constexpr, ACC: tl.constexpr,
-                           BLOCK_T: tl.constexpr, BLOCK_C: tl.constexpr):
+                           tiles_per_chunk, rmean_ptr, rvar_ptr, nbt_ptr, momentum, unbias,
+                           AFFINE: tl.constexpr, RUNNING: tl.constexpr, HAS_NBT: tl.constexpr,
+                           CUMULATIVE: tl.constexpr, ACC: tl.constexpr, BLOCK_T: tl.constexpr,
+                           BLOCK_C: tl.constexpr):
     """Batch statistics from the GEMM's per-tile (count, mean, M2), in parallel: program (j, k)
     merges tile chunk k for channel block j into chunk_*[k]; the last program of block j to finish
     (an atomic count per block, zeroed by the GEMM) merges the chunks in order 0, 1, ... and stores
     mean and biased variance, and with AFFINE the BatchNorm as scale = gamma / sqrt(var + eps),
-    shift = beta - mean * scale. The result does not depend on which program finishes last."""
+    shift = beta - mean * scale. The result does not depend on which program finishes last.
+    RUNNING: that program also updates the running statistics as nn.BatchNorm2d does,
+    running <- lerp(running, batch, factor) with the unbiased variance (var * unbias); factor is
+    `momentum`, or with CUMULATIVE 1 / (num_batches_tracked + 1). The last block to finish
+    (counters[blocks], zeroed by the GEMM too) adds 1 to num_batches_tracked (HAS_NBT), after
+    every block has read it."""
     block = tl.program_id(0)
     k = tl.program_id(1)
     chunks = tl.num_programs(1)
@@ -177,9 +217,30 @@ def _finalize_stats_kernel(mean_part, m2_part, count_part, tiles_used, chunk_mea
         tl.store(mean_ptr + c, mean, mask=c_ok)
         tl.store(var_ptr + c, var, mask=c_ok)
         if AFFINE:
-            scale = tl.load(gamma_ptr + c, mask=c_ok, other=0.0).to(ACC) / tl.sqrt(var + eps)
+            scale, shift = _bn_affine(tl.load(gamma_ptr + c, mask=c_ok, other=0.0),
+                                      tl.load(beta_ptr + c, mask=c_ok, other=0.0), mean, var, eps)
             tl.store(scale_ptr + c, scale, mask=c_ok)
-            tl.store(shift_ptr + c, tl.load(beta_ptr + c, mask=c_ok, other=0.0).to(ACC) - mean * scale, mask=c_ok)
+            tl.store(shift_ptr + c, shift, mask=c_ok)
+        if RUNNING:
+            factor = tl.zeros((BLOCK_C,), dtype=ACC) + momentum
+            if CUMULATIVE:
+                factor = tl.zeros((BLOCK_C,), dtype=ACC) + 1.0 / (tl.load(nbt_ptr) + 1).to(ACC)
+            _lerp_(rmean_ptr, c, c_ok, mean, factor)
+            _lerp_(rvar_ptr, c, c_ok, var * unbias, factor)
+            if HAS_NBT:
+                tl.debug_barrier()  # this block has read num_batches_tracked
+                if tl.atomic_add(counters + tl.num_programs(0), 1) == tl.num_programs(0) - 1:
+                    tl.store(nbt_ptr, tl.load(nbt_ptr) + 1)
+
+
+@triton.jit
+def _lerp_(ptr, c, c_ok, end, weight):
+    """ptr[c] <- lerp(ptr[c], end, weight) in end's dtype, by torch.lerp's formula (from the end
+    for weights of 1/2 and more), stored in ptr's dtype."""
+    start = tl.load(ptr + c, mask=c_ok, other=0.0).to(end.dtype)
+    diff = end - start
+    value = tl.where(weight < 0.5, start + weight * diff, end - diff * (1.0 - weight))
+    tl.store(ptr + c, value.to(ptr.dtype.element_ty), mask=c_ok)
 
 
 FINALIZE_BLOCK_C = 64
@@ -202,26 +263,31 @@ def _finalize_grid(c_out: int, tiles: int, device):
 
 
 def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False, affine=None,
-          zero=None):
+          zero=None, scale=None, store=True, running=None):
     """out = epilogue(sum_i weight[:, off_i:off_i + C_i] x_i); weight is 2-D (C_out, sum C_i), any
     strides. Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors;
-    with `affine` = (gamma, beta, eps) also BatchNorm's (scale, shift) for those statistics.
-    `zero`: an int32 vector the launch zeroes for the next one (not with stats)."""
+    with `affine` = (gamma, beta, eps) also BatchNorm's (scale, shift) for those statistics, and
+    with `running` = (running_mean, running_var, num_batches_tracked or None, momentum or None)
+    the running statistics updated by the finalize. `scale` (with `shift`): BatchNorm of the
+    product as the forward applies it. `store` False: statistics only, `out` only gives the shape
+    and dtype (it may be an expanded one-element tensor). `zero`: an int32 vector the launch
+    zeroes for the next one (not with stats)."""
     acc = acc_dtype(out.dtype)
     n, c_out, h, w = out.shape
     num_pixels = n * h * w
     dummy = out.new_empty(1, dtype=acc)  # stands for absent vectors (same dtype: same autotune key)
     children = tuple((x, x.shape[1], *strides) for x, strides in map(pixel_view, xs))
-    out_view, out_strides = pixel_view(out)
+    out_view, out_strides = pixel_view(out) if store else (out, (0, 0, 0))
     res, res_strides = pixel_view(residual) if residual is not None else (out_view, out_strides)
     gate_t, gate_strides = pixel_view(gate) if gate is not None else (out_view, out_strides)
     if stats:
         tiles = triton.cdiv(num_pixels, min(_conv_kernel.candidates("BLOCK_P")))
         blocks, chunks, per, block_t, block_c = _finalize_grid(c_out, tiles, out.device)
-        # one int32 scratch: the tile count, then a chunk count per channel block
-        scratch = out.new_empty(1 + blocks, dtype=torch.int32)
+        # one int32 scratch: the tile count, then a chunk count per channel block and the count
+        # of finished blocks (num_batches_tracked's update)
+        scratch = out.new_empty(2 + blocks, dtype=torch.int32)
         parts = [out.new_empty((tiles, c_out), dtype=acc), out.new_empty((tiles, c_out), dtype=acc),
-                 out.new_empty(tiles, dtype=acc), scratch[:1], scratch[1:], blocks]
+                 out.new_empty(tiles, dtype=acc), scratch[:1], scratch[1:], blocks + 1]
     else:
         int_dummy = out.new_empty(1, dtype=torch.int32)
         parts = [dummy] * 3 + [int_dummy] + ([int_dummy, 0] if zero is None else [zero, zero.numel()])
@@ -230,11 +296,12 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
     co_first = triton.cdiv(num_pixels, 16) <= MAX_GRID_Y
     dims = ((c_out, "BLOCK_CO"), (num_pixels, "BLOCK_P")) if co_first else ((num_pixels, "BLOCK_P"), (c_out, "BLOCK_CO"))
     _conv_kernel[grid(*dims)](
-        out_view, *out_strides, weight, *weight.stride(), shift if shift is not None else dummy,
+        out_view, *out_strides, weight, *weight.stride(), scale if scale is not None else dummy,
+        shift if shift is not None else dummy,
         res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], children,
-        HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        HAS_GATE=gate is not None, RELU=relu, STATS=stats, CO_FIRST=co_first, ACC=TL_DTYPES[acc], DOT=dot,
-        PRECISION=precision)
+        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+        HAS_GATE=gate is not None, RELU=relu, STATS=stats, STORE=store, CO_FIRST=co_first, ACC=TL_DTYPES[acc],
+        DOT=dot, PRECISION=precision)
     if out_view is not out:
         out.copy_(out_view)
     if not stats:
@@ -243,14 +310,18 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
     # partials (count, mean, M2) in one buffer
     mean, var = out.new_empty(c_out, dtype=acc), out.new_empty(c_out, dtype=acc)
     vectors = out.new_empty(2 * c_out + chunks * (2 * c_out + 1), dtype=acc)
-    scale, shift = vectors[:c_out], vectors[c_out:2 * c_out]
+    bn_scale, bn_shift = vectors[:c_out], vectors[c_out:2 * c_out]
     chunk = vectors[2 * c_out:]
     gamma, beta, eps = affine if affine is not None else (dummy, dummy, 0.0)
+    running_mean, running_var, nbt, momentum = running if running is not None else (dummy, dummy, None, 0.0)
     _finalize_stats_kernel[(blocks, chunks)](
         *parts[:4], chunk[:chunks * c_out], chunk[chunks * c_out:2 * chunks * c_out], chunk[2 * chunks * c_out:],
-        parts[4], mean, var, gamma, beta, scale, shift, eps, c_out, per, AFFINE=affine is not None,
+        parts[4], mean, var, gamma, beta, bn_scale, bn_shift, eps, c_out, per,
+        running_mean, running_var, nbt if nbt is not None else parts[3], float(momentum or 0.0),
+        num_pixels / max(num_pixels - 1, 1), AFFINE=affine is not None, RUNNING=running is not None,
+        HAS_NBT=nbt is not None, CUMULATIVE=running is not None and momentum is None,
         ACC=TL_DTYPES[acc], BLOCK_T=block_t, BLOCK_C=block_c)
-    return (mean, var) if affine is None else (mean, var, scale, shift)
+    return (mean, var) if affine is None else (mean, var, bn_scale, bn_shift)
 
 
 def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional[torch.Tensor],
@@ -277,19 +348,19 @@ def agg_conv_affine(children: List[torch.Tensor], weight: torch.Tensor, bn_weigh
 @tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER,
          restore_value=["z_ptr"])
 @triton.jit(do_not_specialize=["num_pixels"])
-def _apply_kernel(z_ptr, sz_n, sz_c, sz_p, scale_ptr, shift_ptr, res_ptr, sr_n, sr_c, sr_p,
-                  num_pixels, hw, channels, HAS_RESIDUAL: tl.constexpr,
+def _apply_kernel(z_ptr, sz_n, sz_c, sz_p, out_ptr, so_n, so_c, so_p, scale_ptr, shift_ptr, res_ptr, sr_n, sr_c,
+                  sr_p, num_pixels, hw, channels, HAS_RESIDUAL: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """z = relu(z * scale + shift (+ residual)), in place."""
+    """out = relu(z * scale + shift (+ residual)); out may be z (in place)."""
     n, p, q_ok, c, c_ok = tile(num_pixels, hw, channels, BLOCK_P, BLOCK_C)
     mask = q_ok[:, None] & c_ok[None, :]
     scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
-    z_ptrs = z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p)
-    y = tl.load(z_ptrs, mask=mask, other=0.0).to(scale.dtype) * scale[None, :] + shift[None, :]
+    y = _normalize(tl.load(z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p), mask=mask, other=0.0), scale, shift)
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offsets(n, p, c, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(scale.dtype)
-    tl.store(z_ptrs, round_to(tl.maximum(y, 0.0), z_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + offsets(n, p, c, so_n, so_c, so_p), round_to(tl.maximum(y, 0.0), out_ptr.dtype.element_ty),
+             mask=mask)
 
 
 @triton.jit
@@ -357,14 +428,21 @@ def _optional_view(t, fallback):
     return pixel_view(t) if t is not None else fallback
 
 
-def agg_apply_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+def _apply(z: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+           residual: Optional[torch.Tensor]) -> None:
     n, c, h, w = z.shape
     zv, z_strides = pixel_view(z)
+    ov, o_strides = (zv, z_strides) if out is z else pixel_view(out)
     res, res_strides = _optional_view(residual, (zv, z_strides))
     _apply_kernel[grid((n * h * w, "BLOCK_P"), (c, "BLOCK_C"))](
-        zv, *z_strides, scale, shift, res, *res_strides, n * h * w, h * w, c, HAS_RESIDUAL=residual is not None)
-    if zv is not z:
-        z.copy_(zv)
+        zv, *z_strides, ov, *o_strides, scale, shift, res, *res_strides, n * h * w, h * w, c,
+        HAS_RESIDUAL=residual is not None)
+    if ov is not out:
+        out.copy_(ov)
+
+
+def agg_apply_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
+    _apply(z, z, scale, shift, residual)
 
 
 def agg_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
@@ -481,11 +559,10 @@ def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torc
 
 def agg_apply(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
               residual: Optional[torch.Tensor]) -> torch.Tensor:
-    """Out of place (the keep-z mode): a copy of z, then the in-place kernel. Not tuned: the
-    GPU default recomputes z instead of keeping it."""
-    result = z.clone()
-    agg_apply_(result, scale, shift, residual)
-    return result
+    """Out of place (the keep-z mode): one launch, z unchanged."""
+    out = torch.empty_like(z)
+    _apply(z, out, scale, shift, residual)
+    return out
 
 
 def agg_backward_dz(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,
@@ -547,22 +624,10 @@ def _weight_grad_kernel(gw_ptr, sgw_o, sgw_i, part_ptr, counters, dz_ptr, sd_n, 
             acc = _weight_grad_tile(tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC), dz_ptr, sd_n, sd_c, sd_p, x,
                                     sx_n, sx_c, sx_p, co, co_ok, ci, ci_ok, start, end, hw, DOT, PRECISION, BLOCK_K)
             cols = first_col + ci
-            mask = co_ok[:, None] & ci_ok[None, :]
-            gw = gw_ptr + co[:, None] * sgw_o + cols[None, :] * sgw_i
-            if splits == 1:
-                tl.store(gw, acc.to(gw_ptr.dtype.element_ty), mask=mask)
-            else:
-                tile = co[:, None] * c_in + cols[None, :]
-                tl.store(part_ptr + split_id * c_out * c_in + tile, acc, mask=mask)
-                tl.debug_barrier()  # every thread's stores before the count (acq_rel atomic)
-                count = counters + pid_co * tl.num_programs(1) + pid_ci
-                if tl.atomic_add(count, 1) == splits - 1:
-                    total = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
-                    for s in range(0, splits):
-                        total += tl.load(part_ptr + s * c_out * c_in + tile, mask=mask, other=0.0,
-                                         cache_modifier=".cg")
-                    tl.store(gw, total.to(gw_ptr.dtype.element_ty), mask=mask)
-                    tl.atomic_xchg(count, 0)  # clean for the next launch (autotuning reruns it)
+            # (the count is left at zero again: autotuning reruns the launch)
+            _store_split_sum(gw_ptr + co[:, None] * sgw_o + cols[None, :] * sgw_i, acc, part_ptr, split_id, splits,
+                             c_out * c_in, co[:, None] * c_in + cols[None, :], co_ok[:, None] & ci_ok[None, :],
+                             counters + pid_co * tl.num_programs(1) + pid_ci, ACC, BLOCK_CO, BLOCK_CI)
         first_block += blocks
         first_col += c_i
 
@@ -623,3 +688,360 @@ def agg_backward_gemm(dz: torch.Tensor, children: List[torch.Tensor], weight: to
         grad_weight, *grad_weight.stride(), part, counters, dzv, *dz_strides, xs, num_pixels, h * w, c_out, c_in,
         chunk, ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision)
     return grads, grad_weight
+
+
+# ------------------------------------------------------------------------------------------------
+# The fused training path: forward in three launches, backward in two
+
+@triton.jit
+def _recomputed_tile(children, z_ptr, sz_n, sz_c, sz_p, w_ptr, sw_o, sw_k, res_ptr, sr_n, sr_c, sr_p,
+                     scale, shift, co, co_ok, n, p, q_ok, RECOMPUTE: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
+                     STORAGE: tl.constexpr, ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
+                     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
+    """(z, ReLU mask) of a [BLOCK_P, BLOCK_CO] tile: z recomputed from the children (RECOMPUTE:
+    _product, rounded to the storage dtype as the forward rounded it) or loaded from the kept z,
+    in ACC; the mask out > 0 from the same expression that formed out (_normalize, + residual,
+    rounded), so that it is the forward's own mask bit for bit."""
+    mask = q_ok[:, None] & co_ok[None, :]
+    if RECOMPUTE:
+        z = round_to(_product(children, w_ptr, sw_k, co * sw_o, co_ok, n, p, q_ok, ACC, DOT, PRECISION, BLOCK_P,
+                              BLOCK_CO, BLOCK_K), STORAGE)
+    else:
+        z = tl.load(z_ptr + offsets(n, p, co, sz_n, sz_c, sz_p), mask=mask, other=0.0)
+    pre = _normalize(z, scale, shift)
+    if HAS_RESIDUAL:
+        pre += tl.load(res_ptr + offsets(n, p, co, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(ACC)
+    return z.to(ACC), round_to(pre, STORAGE) > 0
+
+
+@triton.jit
+def _pixel_tile(t, num_pixels, hw, BLOCK_P: tl.constexpr):
+    """(n, p, valid) of pixel tile t: pixels t BLOCK_P ... (t + 1) BLOCK_P - 1."""
+    q = t * BLOCK_P + tl.arange(0, BLOCK_P)
+    n, p = pixel_coords(q, hw)
+    return n, p, q < num_pixels
+
+
+@triton.jit(do_not_specialize=["num_pixels"])
+def _backward_sums_kernel(go_ptr, sg_n, sg_c, sg_p, z_ptr, sz_n, sz_c, sz_p, res_ptr, sr_n, sr_c, sr_p,
+                          w_ptr, sw_o, sw_k, children, mean_ptr, var_ptr, gamma_ptr, beta_ptr, eps, count,
+                          part_ptr, counters, vec_ptr, gg_ptr, gb_ptr, num_pixels, hw, c_out,
+                          RECOMPUTE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ACC: tl.constexpr,
+                          DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                          BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_S: tl.constexpr):
+    """The backward's first pass: program (output block j, split s) walks pixel tiles s, s + S, ...
+    with z recomputed (or loaded) and the ReLU mask recomputed (_recomputed_tile), summing
+    g = grad_out * mask and g (z - mean) into a partial row per split. The last split of block j
+    to finish (an atomic count, left at zero again) merges the rows in split order and stores
+    grad gamma = sum g (z - mean) / sqrt(var + eps), grad beta = sum g, and for the second pass
+    vec = (scale, shift, z_coef, bias): BatchNorm's affine as the forward had it and the dz
+    coefficients z_coef = -scale sum g (z - mean) / ((var + eps) count), bias = -scale sum g / count,
+    so that dz = scale g + z_coef (z - mean) + bias."""
+    pid_co = tl.program_id(0)
+    split_id = tl.program_id(1)
+    splits = tl.num_programs(1)
+    co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
+    co_ok = co < c_out
+    mean = tl.load(mean_ptr + co, mask=co_ok, other=0.0)
+    var = tl.load(var_ptr + co, mask=co_ok, other=1.0)
+    scale, shift = _bn_affine(tl.load(gamma_ptr + co, mask=co_ok, other=0.0),
+                              tl.load(beta_ptr + co, mask=co_ok, other=0.0), mean, var, eps)
+    sum_g = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
+    sum_gz = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC)
+    for t in range(split_id, tl.cdiv(num_pixels, BLOCK_P), splits):
+        n, p, q_ok = _pixel_tile(t, num_pixels, hw, BLOCK_P)
+        z, relu_mask = _recomputed_tile(children, z_ptr, sz_n, sz_c, sz_p, w_ptr, sw_o, sw_k, res_ptr, sr_n, sr_c,
+                                        sr_p, scale, shift, co, co_ok, n, p, q_ok, RECOMPUTE, HAS_RESIDUAL,
+                                        go_ptr.dtype.element_ty, ACC, DOT, PRECISION, BLOCK_P, BLOCK_CO, BLOCK_K)
+        g = tl.load(go_ptr + offsets(n, p, co, sg_n, sg_c, sg_p), mask=q_ok[:, None] & co_ok[None, :], other=0.0)
+        g = tl.where(relu_mask, g.to(ACC), 0.0)
+        sum_g += g
+        sum_gz += g * (z - mean[None, :])
+    tl.store(part_ptr + split_id * c_out + co, tl.sum(sum_g, axis=0), mask=co_ok)
+    tl.store(part_ptr + (splits + split_id) * c_out + co, tl.sum(sum_gz, axis=0), mask=co_ok)
+    tl.debug_barrier()  # every thread's stores before the count (acq_rel atomic)
+    if tl.atomic_add(counters + pid_co, 1) == splits - 1:
+        _backward_vectors(part_ptr, splits, co, co_ok, c_out, var, eps, count, scale, shift, gg_ptr, gb_ptr, vec_ptr,
+                          ACC, BLOCK_S, BLOCK_CO)
+        tl.atomic_xchg(counters + pid_co, 0)  # clean for the next launch
+
+
+@triton.jit
+def _backward_vectors(part_ptr, rows_total, c, c_ok, channels, var, eps, count, scale, shift, gg_ptr, gb_ptr,
+                      vec_ptr, ACC: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_C: tl.constexpr):
+    """The BatchNorm backward's per-channel vectors from the partial rows part[0, r] (sums of g) and
+    part[1, r] (sums of g (z - mean)), r < rows_total, merged in row order: grad gamma, grad beta,
+    and vec = (scale, shift, z_coef, bias) with z_coef = -scale sum g (z - mean) / ((var + eps)
+    count), bias = -scale sum g / count. Loads bypass L1 (.cg): rows of other programs."""
+    rows_g = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC)
+    rows_gz = tl.zeros((BLOCK_S, BLOCK_C), dtype=ACC)
+    for s0 in range(0, rows_total, BLOCK_S):
+        rows = s0 + tl.arange(0, BLOCK_S)
+        ok = (rows < rows_total)[:, None] & c_ok[None, :]
+        rows_g += tl.load(part_ptr + rows[:, None] * channels + c[None, :], mask=ok, other=0.0, cache_modifier=".cg")
+        rows_gz += tl.load(part_ptr + (rows_total + rows)[:, None] * channels + c[None, :], mask=ok, other=0.0,
+                           cache_modifier=".cg")
+    total_g = tl.sum(rows_g, axis=0)
+    total_gz = tl.sum(rows_gz, axis=0)
+    var_eps = var + eps
+    tl.store(gg_ptr + c, total_gz / tl.sqrt(var_eps), mask=c_ok)
+    tl.store(gb_ptr + c, total_g, mask=c_ok)
+    tl.store(vec_ptr + c, scale, mask=c_ok)
+    tl.store(vec_ptr + channels + c, shift, mask=c_ok)
+    tl.store(vec_ptr + 2 * channels + c, -scale * total_gz / (var_eps * count), mask=c_ok)
+    tl.store(vec_ptr + 3 * channels + c, -scale * total_g / count, mask=c_ok)
+
+
+@triton.jit
+def _store_split_sum(gw, acc, part_ptr, split_id, splits, plane, tile_offsets, mask, count_ptr,
+                     ACC: tl.constexpr, BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr):
+    """Store a [BLOCK_A, BLOCK_B] tile summed over `splits` programs: with one split, acc itself
+    (in gw's dtype); with more, each split stores acc as an fp32 partial (part[split] of `plane`
+    values), and the last split to finish (the atomic count at count_ptr, left at zero again) sums
+    the partials in split order (deterministic) and stores the sum."""
+    if splits == 1:
+        tl.store(gw, acc.to(gw.dtype.element_ty), mask=mask)
+    else:
+        tl.store(part_ptr + split_id * plane + tile_offsets, acc, mask=mask)
+        tl.debug_barrier()  # every thread's stores before the count (acq_rel atomic)
+        if tl.atomic_add(count_ptr, 1) == splits - 1:
+            total = tl.zeros((BLOCK_A, BLOCK_B), dtype=ACC)
+            for s in range(0, splits):
+                total += tl.load(part_ptr + s * plane + tile_offsets, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(gw, total.to(gw.dtype.element_ty), mask=mask)
+            tl.atomic_xchg(count_ptr, 0)  # clean for the next launch
+
+
+@triton.jit(do_not_specialize=["num_pixels"])
+def _backward_chained_kernel(go_ptr, sg_n, sg_c, sg_p, z_ptr, sz_n, sz_c, sz_p, res_ptr, sr_n, sr_c, sr_p,
+                             w_ptr, sw_o, sw_k, children, grads, vec_ptr, mean_ptr, gw_ptr, sgw_o, sgw_i,
+                             part_ptr, counters, num_pixels, hw, c_out, c_in,
+                             RECOMPUTE: tl.constexpr, HAS_RESIDUAL: tl.constexpr, MASK: tl.constexpr,
+                             ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr, BLOCK_P: tl.constexpr,
+                             BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The backward's second pass, both GEMMs chained: program (input block b over all children,
+    split s) walks pixel tiles s, s + S, ...; per tile it forms dz for every output channel in
+    registers (z and the ReLU mask from _recomputed_tile, g from grad_out, the coefficients of the
+    first pass), stores its block of grad x = W^T dz (+ g for the residual child's block, through
+    a one-hot product: exact) and accumulates its block of grad W = dz^T x over the tiles. With one
+    split the block goes straight to grad W (in W's dtype); with more, each split stores an fp32
+    partial and the last split to finish (an atomic count per block, left at zero again) sums them
+    in split order. Needs BLOCK_CO >= c_out. The children's tuple is walked once per tile for the
+    product and once for the block's own child (code size linear in the number of children).
+    MASK False: grad_out is already masked (the IDA-Up step's gradient of p)."""
+    pid_ci = tl.program_id(0)
+    split_id = tl.program_id(1)
+    splits = tl.num_programs(1)
+    co = tl.arange(0, BLOCK_CO)
+    co_ok = co < c_out
+    scale = tl.load(vec_ptr + co, mask=co_ok, other=0.0)
+    shift = tl.load(vec_ptr + c_out + co, mask=co_ok, other=0.0)
+    z_coef = tl.load(vec_ptr + 2 * c_out + co, mask=co_ok, other=0.0)
+    bias = tl.load(vec_ptr + 3 * c_out + co, mask=co_ok, other=0.0)
+    mean = tl.load(mean_ptr + co, mask=co_ok, other=0.0)
+    storage = go_ptr.dtype.element_ty
+    # which child this input block belongs to, its first column in W and its channel count
+    child = 0
+    local = pid_ci
+    first_col = 0
+    channels = 0
+    first_block = 0
+    col = 0
+    for i in tl.static_range(len(children)):  # children: (x, channels, s_n, s_c, s_p) each
+        c_i = children[i][1]
+        blocks = tl.cdiv(c_i, BLOCK_CI)
+        if (pid_ci >= first_block) & (pid_ci < first_block + blocks):
+            child = i
+            local = pid_ci - first_block
+            first_col = col
+            channels = c_i
+        first_block += blocks
+        col += c_i
+    ci = local * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    ci_ok = ci < channels
+    cols = first_col + ci
+    w_block = tl.load(w_ptr + co[:, None] * sw_o + cols[None, :] * sw_k, mask=co_ok[:, None] & ci_ok[None, :],
+                      other=0.0).to(DOT)
+    acc_w = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC)
+    for t in range(split_id, tl.cdiv(num_pixels, BLOCK_P), splits):
+        n, p, q_ok = _pixel_tile(t, num_pixels, hw, BLOCK_P)
+        z, relu_mask = _recomputed_tile(children, z_ptr, sz_n, sz_c, sz_p, w_ptr, sw_o, sw_k, res_ptr, sr_n, sr_c,
+                                        sr_p, scale, shift, co, co_ok, n, p, q_ok, RECOMPUTE, HAS_RESIDUAL, storage,
+                                        ACC, DOT, PRECISION, BLOCK_P, BLOCK_CO, BLOCK_K)
+        g = tl.load(go_ptr + offsets(n, p, co, sg_n, sg_c, sg_p), mask=q_ok[:, None] & co_ok[None, :], other=0.0)
+        if MASK:
+            g = tl.where(relu_mask, g, 0.0)
+        dz = g.to(ACC) * scale[None, :] + z_coef[None, :] * (z - mean[None, :]) + bias[None, :]
+        # dz in the activations' dtype, as the unfused path stores it; rows past the end are zero
+        dz = tl.where(q_ok[:, None], round_to(dz, storage), 0.0).to(DOT)
+        dx = tl.dot(dz, w_block, input_precision=PRECISION).to(ACC)
+        if HAS_RESIDUAL:
+            if child == 0:  # the residual's gradient: g at this block's channels
+                one_hot = tl.where(co[:, None] == ci[None, :], 1.0, 0.0).to(DOT)
+                dx += tl.dot(g.to(DOT), one_hot, input_precision=PRECISION).to(ACC)
+        x_mask = q_ok[:, None] & ci_ok[None, :]
+        x = tl.zeros((BLOCK_P, BLOCK_CI), dtype=storage)
+        for i in tl.static_range(len(children)):  # predicated, not branched: only child `child` moves data
+            x_ptr, _, sx_n, sx_c, sx_p = children[i]
+            gx_ptr, sd_n, sd_c, sd_p = grads[i]
+            mine = x_mask & (child == i)
+            tl.store(gx_ptr + offsets(n, p, ci, sd_n, sd_c, sd_p), round_to(dx, gx_ptr.dtype.element_ty), mask=mine)
+            x += tl.load(x_ptr + offsets(n, p, ci, sx_n, sx_c, sx_p), mask=mine, other=0.0)
+        acc_w += tl.dot(tl.trans(dz), x.to(DOT), input_precision=PRECISION)
+    _store_split_sum(gw_ptr + co[:, None] * sgw_o + cols[None, :] * sgw_i, acc_w, part_ptr, split_id, splits,
+                     c_out * c_in, co[:, None] * c_in + cols[None, :], co_ok[:, None] & ci_ok[None, :],
+                     counters + pid_ci, ACC, BLOCK_CO, BLOCK_CI)
+
+
+_COUNTERS = {}
+
+
+def _counters(device, size: int) -> torch.Tensor:
+    """int32 zeros for the atomic counts of the fused backward kernels, one buffer per device and
+    stream, reused: every kernel leaves its counts at zero again, so only the first call (or a
+    larger one) allocates (and fills)."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    buffer = _COUNTERS.get(key)
+    if buffer is None or buffer.numel() < size:
+        buffer = _COUNTERS[key] = torch.zeros(max(size, 256), dtype=torch.int32, device=device)
+    return buffer
+
+
+def agg_forward_train(children: List[torch.Tensor], weight: torch.Tensor, bn_weight: torch.Tensor,
+                      bn_bias: torch.Tensor, eps: float, residual: bool, keep_z: bool, running=None):
+    """The training forward relu(bn(W x) (+ x_0)) in three launches: the product's statistics
+    (z stored only when keep_z), the parallel finalize (BatchNorm's scale and shift; with
+    `running` = (running_mean, running_var, num_batches_tracked or None, momentum or None) also
+    the running statistics' update), then the output: from the kept z (one elementwise pass) or
+    from the product recomputed in the GEMM's epilogue. Returns (out, mean, var, z or None)."""
+    first = children[0]
+    shape = (first.shape[0], weight.shape[0], first.shape[2], first.shape[3])
+    res = first if residual else None
+    if keep_z:
+        z = empty_like_format(shape, first)
+        mean, var, scale, shift = _gemm(z, children, weight, stats=True, affine=(bn_weight, bn_bias, float(eps)),
+                                        running=running)
+        out = torch.empty_like(z)
+        _apply(z, out, scale, shift, res)
+        return out, mean, var, z
+    shape_only = first.new_empty(1).expand(shape)
+    mean, var, scale, shift = _gemm(shape_only, children, weight, stats=True, store=False,
+                                    affine=(bn_weight, bn_bias, float(eps)), running=running)
+    out = empty_like_format(shape, first)
+    _gemm(out, children, weight, shift=shift, residual=res, relu=True, scale=scale)
+    return out, mean, var, None
+
+
+# fp32 weight-gradient partials of the chained backward may take at most this share of the bytes it reads
+CHAINED_PARTIALS = WEIGHT_GRAD_PARTIALS
+# FLOPs per byte at the ridge point of an H100/H200-class GPU in 16-bit (~989 TFLOP/s over
+# ~4.3 TB/s): the chained backward recomputes z from the children it reads anyway, instead of
+# reading the kept z, while its FLOPs per byte stay under this (benchmarks/roofline.py's model;
+# untested on a GPU). None: that rule; True or False forces the choice (tests).
+RIDGE_FLOP_PER_BYTE = 230
+CHAINED_RECOMPUTE = None
+
+
+def _chained_recomputes(grad_out, children, c_in: int, ci_blocks: int) -> bool:
+    """Whether the chained backward recomputes z when z was kept: one product per input block
+    plus the two GEMMs, over the bytes it then moves (grad_out, the children, grad x)."""
+    if CHAINED_RECOMPUTE is not None:
+        return CHAINED_RECOMPUTE
+    if grad_out.dtype not in (torch.float16, torch.bfloat16):  # no 16-bit tensor-core rate
+        return False
+    n, c_out, h, w = grad_out.shape
+    gemm = 2 * n * h * w * c_in * c_out
+    moved = grad_out.numel() * grad_out.element_size() + 2 * sum(x.numel() * x.element_size() for x in children)
+    return (2 + ci_blocks) * gemm <= RIDGE_FLOP_PER_BYTE * moved
+
+
+def _chained_blocks(c_out: int, c_in: int):
+    """(BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps) of the chained backward: every output channel in
+    one block, about 8k fp32 values per [BLOCK_P, BLOCK_CO] tile."""
+    block_co = max(16, triton.next_power_of_2(c_out))
+    if interpreted():
+        return 16, block_co, 16, 4
+    block_p = max(16, min(64, 8192 // block_co))
+    return block_p, block_co, (16 if block_co >= 256 else 32), (8 if block_co >= 256 else 4)
+
+
+def agg_backward_fused(grad_out: torch.Tensor, children: List[torch.Tensor], weight: torch.Tensor,
+                       bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                       eps: float, residual: bool, z: Optional[torch.Tensor]):
+    """The training backward (batch statistics) in two launches: the sums pass (z recomputed
+    when `z` is None, else read; the ReLU mask recomputed from it), which ends in every
+    per-channel vector, then the chained pass: dz in registers, grad x and grad W from it, with
+    z recomputed from the children it reads anyway when `z` is None or while that stays under the
+    ridge point (_chained_recomputes), else read.
+    Returns (grad of each child, grad W (2-D, W's dtype), grad gamma, grad beta)."""
+    acc = acc_dtype(grad_out.dtype)
+    n, c_out, h, w = grad_out.shape
+    num_pixels = n * h * w
+    go, go_strides = pixel_view(grad_out)
+    zv, z_strides = pixel_view(z) if z is not None else (go, go_strides)
+    res, res_strides = pixel_view(children[0]) if residual else (go, go_strides)
+    xs = tuple((x, x.shape[1], *strides) for x, strides in map(pixel_view, children))
+    dot, precision = dot_types(children[0].dtype, weight.dtype)
+    # pass 1: sums, then the vectors; program (output block, split) over about two programs per
+    # multiprocessor
+    block_p, block_co = (16, interpreter_block(c_out)) if interpreted() else (64, 64)
+    co_blocks = triton.cdiv(c_out, block_co)
+    tiles = triton.cdiv(num_pixels, block_p)
+    splits = min(tiles, 3) if interpreted() else max(1, min(tiles, 2 * num_sms(grad_out.device) // co_blocks))
+    part = grad_out.new_empty((2, splits, c_out), dtype=acc)
+    vectors = grad_out.new_empty((4, c_out), dtype=acc)
+    grad_gamma, grad_beta = grad_out.new_empty(c_out, dtype=acc), grad_out.new_empty(c_out, dtype=acc)
+    _backward_sums_kernel[(co_blocks, splits)](
+        go, *go_strides, zv, *z_strides, res, *res_strides, weight, *weight.stride(), xs, mean, var, bn_weight,
+        bn_bias, float(eps), float(num_pixels), part, _counters(grad_out.device, co_blocks), vectors, grad_gamma,
+        grad_beta, num_pixels, h * w, c_out, RECOMPUTE=z is None, HAS_RESIDUAL=residual, ACC=TL_DTYPES[acc],
+        DOT=dot, PRECISION=precision, BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_K=block_k_of(weight.shape[1]),
+        BLOCK_S=16 if interpreted() else 32, num_warps=4)
+
+    grads, grad_weight = _chained_backward(grad_out, children, weight, vectors, mean, z, residual)
+    return grads, grad_weight, grad_gamma, grad_beta
+
+
+def _chained_backward(grad_out, children, weight, vectors, mean, z, residual, mask=True):
+    """The chained pass (_backward_chained_kernel): (grad of each child, grad W in W's dtype)
+    from the first pass's vectors (scale, shift, z_coef, bias); z recomputed when `z` is None or
+    _chained_recomputes says so, else read."""
+    acc = acc_dtype(grad_out.dtype)
+    n, c_out, h, w = grad_out.shape
+    num_pixels = n * h * w
+    c_in = weight.shape[1]
+    go, go_strides = pixel_view(grad_out)
+    zv, z_strides = pixel_view(z) if z is not None else (go, go_strides)
+    res, res_strides = pixel_view(children[0]) if residual else (go, go_strides)
+    xs = tuple((x, x.shape[1], *strides) for x, strides in map(pixel_view, children))
+    dot, precision = dot_types(children[0].dtype, weight.dtype)
+    block_p, block_co, block_ci, warps = _chained_blocks(c_out, c_in)
+    ci_blocks = sum(triton.cdiv(x.shape[1], block_ci) for x in children)
+    tiles = triton.cdiv(num_pixels, block_p)
+    if interpreted():
+        splits = min(tiles, 2)
+    else:  # about one (large) program per multiprocessor, partials under CHAINED_PARTIALS of the bytes read
+        read = sum(x.numel() * x.element_size() for x in children) + 2 * grad_out.numel() * grad_out.element_size()
+        budget = int(CHAINED_PARTIALS * read) // (c_out * c_in * 4)
+        splits = max(1, min(tiles, triton.cdiv(num_sms(grad_out.device), ci_blocks), budget))
+    counters = _counters(grad_out.device, ci_blocks)
+    grads = [empty_like_format(x.shape, x) for x in children]
+    gx = tuple((g, *strides) for g, strides in map(pixel_view, grads))
+    grad_weight = grad_out.new_empty(weight.shape, dtype=weight.dtype)
+    part = grad_out.new_empty((splits, c_out, c_in), dtype=acc) if splits > 1 else counters
+    recompute = z is None or _chained_recomputes(grad_out, children, c_in, ci_blocks)
+    _backward_chained_kernel[(ci_blocks, splits)](
+        go, *go_strides, zv, *z_strides, res, *res_strides, weight, *weight.stride(), xs, gx, vectors, mean,
+        grad_weight, *grad_weight.stride(), part, counters, num_pixels, h * w, c_out, c_in,
+        RECOMPUTE=recompute, HAS_RESIDUAL=residual, MASK=mask, ACC=TL_DTYPES[acc], DOT=dot, PRECISION=precision,
+        BLOCK_P=block_p, BLOCK_CO=block_co, BLOCK_CI=block_ci, BLOCK_K=block_k_of(c_in), num_warps=warps)
+    for g, (view, *_) in zip(grads, gx):
+        if view is not g:
+            g.copy_(view)
+    return grads, grad_weight
+
+
+def block_k_of(c_in: int) -> int:
+    """The K chunk of every product over c_in input channels (GEMM_INTERPRETER's under the interpreter)."""
+    return interpreter_block(c_in) if interpreted() else PRODUCT_K

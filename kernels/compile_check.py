@@ -66,8 +66,44 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last, shape):
         calls.append((f"agg_backward_gemm[{k} children]",
                       lambda kids=kids, weight=weight: aggregation.agg_backward_gemm(out.clone(), kids, weight,
                                                                                      out, out)))
+    def chained(recompute, call):  # the chained backward's choice forced for one call
+        def run():
+            saved = aggregation.CHAINED_RECOMPUTE
+            aggregation.CHAINED_RECOMPUTE = recompute
+            try:
+                return call()
+            finally:
+                aggregation.CHAINED_RECOMPUTE = saved
+        return run
+
+    for k in SHAPES[shape]["counts"][:3]:  # the training path: forward and backward compile per count
+        kids = children[:k]
+        weight = torch.randn(c_out, sum(x.shape[1] for x in kids)).to(dtype)
+        calls += [
+            (f"agg_forward_train[{k} children, recompute]",
+             lambda kids=kids, weight=weight: aggregation.agg_forward_train(kids, weight, vec(c_out), vec(c_out),
+                                                                            1e-5, False, False)),
+            (f"agg_backward_fused[{k} children, recompute]",
+             lambda kids=kids, weight=weight: aggregation.agg_backward_fused(
+                 out, kids, weight, vec(c_out), vec(c_out), vec(c_out), vec(c_out), 1e-5, False, None)),
+            (f"agg_backward_fused[{k} children, kept z]", chained(False, lambda kids=kids, weight=weight: (
+                aggregation.agg_backward_fused(out, kids, weight, vec(c_out), vec(c_out), vec(c_out), vec(c_out),
+                                               1e-5, False, out)))),
+        ]
     two = children[:2]
     two_weight = torch.randn(c_out, sum(x.shape[1] for x in two)).to(dtype)
+    running = (vec(c_out), vec(c_out), torch.zeros((), dtype=torch.int64), None)
+    calls += [
+        ("agg_forward_train[2 children, keep z, residual, running]", lambda: aggregation.agg_forward_train(
+            two, two_weight, vec(c_out), vec(c_out), 1e-5, True, True, running)),
+        ("agg_forward_train[2 children, recompute, residual, running]", lambda: aggregation.agg_forward_train(
+            two, two_weight, vec(c_out), vec(c_out), 1e-5, True, False, running[:3] + (0.1,))),
+        ("agg_backward_fused[2 children, kept z, chained recompute, residual]", chained(True, lambda: (
+            aggregation.agg_backward_fused(out, two, two_weight, vec(c_out), vec(c_out), vec(c_out), vec(c_out),
+                                           1e-5, True, out)))),
+        ("agg_backward_fused[2 children, recompute, residual]", lambda: aggregation.agg_backward_fused(
+            out, two, two_weight, vec(c_out), vec(c_out), vec(c_out), vec(c_out), 1e-5, True, None)),
+    ]
     calls += [  # the Triton backend's fused steps (ops/_bn.py)
         ("agg_conv_affine[2 children]",
          lambda: aggregation.agg_conv_affine(two, two_weight, vec(c_out), vec(c_out), 1e-5)),
@@ -104,6 +140,23 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last, shape):
             (f"ida_upsample_backward[x{factor}]",
              lambda z=z, up=up, skip=skip, f=factor: ida_up.ida_upsample_backward(skip, z, None, None, up, f)),
         ]
+    x = children[1]
+    proj = torch.randn(c_out, x.shape[1]).to(dtype)
+    for factor in (1, 2, 4)[:3 if shape == "odd" else 2]:  # the projected step's training path
+        up = torch.randn(c_out, 1, 2 * factor, 2 * factor).to(dtype) if factor > 1 else None
+        fine = act(n, c_out, h * factor, w * factor)
+        calls += [
+            (f"ida_forward_train[x{factor}, skip, running]",
+             lambda up=up, f=factor, fine=fine: ida_up.ida_forward_train(
+                 x, proj, vec(c_out), vec(c_out), 1e-5, up, f, fine, (vec(c_out), vec(c_out), None, 0.1))),
+            (f"ida_backward_fused[x{factor}, recompute]", chained(True, lambda up=up, f=factor, fine=fine: (
+                ida_up.ida_backward_fused(fine, x, proj, vec(c_out), vec(c_out), vec(c_out), vec(c_out), 1e-5, up,
+                                          f)))),
+        ]
+        if factor < 4:  # (the stored-z variant differs by one store; the x4 taps compile slowly)
+            stored = chained(False, lambda up=up, f=factor, fine=fine: ida_up.ida_backward_fused(
+                fine, x, proj, vec(c_out), vec(c_out), vec(c_out), vec(c_out), 1e-5, up, f))
+            calls.append((f"ida_backward_fused[x{factor}, stored z]", stored))
     z = act(n, c_out, h, w)
     calls += [("ida_upsample[projection + skip only]",
                lambda: ida_up.ida_upsample(z, vec(c_out), vec(c_out), None, 1, z)),

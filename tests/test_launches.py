@@ -42,16 +42,42 @@ def test_eager_node_launches_its_seven_kernels():
 
 def test_triton_launches_are_counted_per_kernel():
     """Each Triton kernel call is one launch, named by its kernel; the count repeats exactly, and
-    the ATen glue between the kernels is counted beside it."""
+    the ATen glue between the kernels is counted beside it. The Triton training path: forward in
+    three launches (the product's statistics, their finalisation with the running statistics'
+    update, the output), backward in two (the sums pass, the chained GEMMs), no ATen launch."""
     backend.set_backend("triton")
-    step = _node_call(aggregation_node, memory_efficient=True)
-    step()  # first call: caches
-    first, first_aten = launches.count_launches(step)
-    again, again_aten = launches.count_launches(step)
-    assert first == again and first_aten == again_aten
-    assert all(name.startswith("_") and name.endswith("_kernel") for name in first), first
-    # forward: the product with its statistics, their finalisation, the apply; backward: the
-    # recomputed product again, then the reduction, dz and the backward products
-    assert first["_apply_kernel"] == 1 and first["_dz_kernel"] == 1 and first["_reduce_kernel"] == 1
-    assert sum(first.values()) >= 7
-    assert sum(first_aten.values()) > 0
+    for memory_efficient, output in ((True, {"_conv_kernel": 2}), (False, {"_conv_kernel": 1, "_apply_kernel": 1})):
+        step = _node_call(aggregation_node, memory_efficient=memory_efficient)
+        step()  # first call: caches
+        first, first_aten = launches.count_launches(step)
+        again, again_aten = launches.count_launches(step)
+        assert first == again and first_aten == again_aten
+        assert all(name.startswith("_") and name.endswith("_kernel") for name in first), first
+        assert first == dict(output, _finalize_stats_kernel=1, _backward_sums_kernel=1,
+                             _backward_chained_kernel=1), first
+        assert sum(first_aten.values()) == 0, first_aten
+
+
+def test_triton_ida_up_step_is_five_launches():
+    """The projected IDA-Up step on the Triton path: forward in three launches (the projection's
+    statistics, the finalize with the running statistics, the gather), backward in two (the fused
+    upsample backward, the chained GEMMs), no ATen launch; num_batches_tracked moves once."""
+    from dla_fused.ops.ida_up import ida_up
+    backend.set_backend("triton")
+    x = torch.randn(2, 6, 3, 3, requires_grad=True)
+    weight = torch.randn(4, 6, 1, 1, requires_grad=True)
+    gamma, beta = torch.ones(4, requires_grad=True), torch.zeros(4, requires_grad=True)
+    up = torch.randn(4, 1, 4, 4, requires_grad=True)
+    skip = torch.randn(2, 4, 6, 6, requires_grad=True)
+    mean, var, tracked = torch.zeros(4), torch.ones(4), torch.tensor(0)
+    grad = torch.randn(2, 4, 6, 6)
+
+    def step():
+        y = ida_up(x, weight, gamma, beta, mean, var, tracked, True, 0.1, 1e-5, up, 2, skip)
+        torch.autograd.grad(y, [x, weight, gamma, beta, up, skip], grad)
+    step()
+    triton, aten = launches.count_launches(step)
+    assert triton == {"_conv_kernel": 1, "_finalize_stats_kernel": 1, "_upsample_kernel": 1,
+                      "_upsample_backward_fused_kernel": 1, "_backward_chained_kernel": 1}, triton
+    assert sum(aten.values()) == 0, aten
+    assert int(tracked) == 2

@@ -65,13 +65,16 @@ def test_conv_rule_is_the_hand_count():
     out = torch.empty(n, c_out, h, w, dtype=torch.bfloat16)
     part = torch.empty(16, c_out)
     args = dict(children=tuple((c, c.shape[1]) for c in children), num_pixels=n * h * w, c_out=c_out,
-                w_ptr=weight, HAS_SHIFT=False, HAS_RESIDUAL=False, HAS_GATE=False, out_ptr=out, STATS=True,
-                mean_part=part, CO_FIRST=True)
+                w_ptr=weight, HAS_SCALE=False, HAS_SHIFT=False, HAS_RESIDUAL=False, HAS_GATE=False, out_ptr=out,
+                STATS=True, STORE=True, mean_part=part, CO_FIRST=True)
     tiles = 3
     read, write, flops = roofline.RULES["_conv_kernel"](args, (1, tiles))
     assert read == sum(c.numel() * 2 for c in children) + weight.numel() * 2
     assert write == out.numel() * 2 + tiles * (2 * c_out + 1) * 4
     assert flops == 2 * n * h * w * 7 * c_out
+    # statistics only: the output is not stored
+    _, write, _ = roofline.RULES["_conv_kernel"](dict(args, STORE=False), (1, tiles))
+    assert write == tiles * (2 * c_out + 1) * 4
 
 
 @pytest.mark.parametrize("kind, params", [

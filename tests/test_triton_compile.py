@@ -26,7 +26,7 @@ pytestmark = pytest.mark.skipif(not _has_nvidia_backend(), reason="this triton h
 def compile_check(*args):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     return subprocess.run([sys.executable, "-m", "dla_fused.kernels.compile_check", *args], env=env,
-                          capture_output=True, text=True, timeout=1200)
+                          capture_output=True, text=True, timeout=2400)
 
 
 @pytest.mark.compile_sweep  # minutes: `make test` leaves it to `make compile-check` (a CI step of its own)
@@ -36,11 +36,12 @@ def test_every_kernel_compiles_for_sm90(dtype):
     assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
     summary = re.search(r"(\d+) kernel variants compiled for sm_90 in \d+ s, (\d+) failed", out.stdout)
     assert summary, out.stdout[-2000:]
-    # 8 kernels (conv, finalize-stats, apply, reduce, dz, weight-grad, upsample, upsample-backward) in
-    # several constexpr variants, for two layouts
+    # every kernel (conv, finalize-stats, apply, reduce, dz, weight-grad, the fused backward's sums and
+    # chained passes, upsample and its two backwards) in several constexpr variants, for two layouts
     assert int(summary.group(1)) >= 30 and summary.group(2) == "0"
     for kernel in ("_conv_kernel", "_finalize_stats_kernel", "_apply_kernel", "_reduce_kernel", "_dz_kernel",
-                   "_weight_grad_kernel", "_upsample_kernel", "_upsample_backward_kernel"):
+                   "_weight_grad_kernel", "_backward_sums_kernel", "_backward_chained_kernel", "_upsample_kernel",
+                   "_upsample_backward_kernel", "_upsample_backward_fused_kernel"):
         assert f"  {kernel}(" in out.stdout, kernel
 
 

@@ -88,7 +88,7 @@ def recompute_product(P, children: List[Tensor], weight2d: Tensor) -> Tensor:
 def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor], weight2d: Tensor,
              bn_weight: Tensor, mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
              residual: bool, group=None, count: Optional[int] = None, bn_grads: bool = True,
-             z: Optional[Tensor] = None, z_kept: bool = False
+             z: Optional[Tensor] = None, z_kept: bool = False, bn_bias: Optional[Tensor] = None
              ) -> Tuple[List[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of y = relu(bn(W x) (+ x_0)) given dL/dy = `grad`, with the ReLU mask taken from
     `mask_src > 0` (None: `grad` is already masked). Recomputes z = W x from the children into a
@@ -96,7 +96,14 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
     the forward kept and leaves it unchanged (a retained graph can run backward again). `count` is the
     number of pixels the batch statistics were taken over (all ranks of `group`; default: this
     batch's). Returns (grad children, grad W (2-D), grad gamma,
-    grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them."""
+    grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them.
+    A backend with `agg_backward_fused` (Triton) takes the whole backward with batch statistics
+    (needs `bn_bias`: the ReLU mask is recomputed from z as the forward formed the output, which
+    is then not read; its forward must have been `agg_forward_train`)."""
+    fused = getattr(P, "agg_backward_fused", None)
+    if fused is not None and batch_stats and group is None and bn_bias is not None:
+        return tuple(fused(grad, children, weight2d, bn_weight, bn_bias, mean, var, eps, residual,
+                           z if z_kept else None))
     need_z = batch_stats or bn_grads
     kept = z is not None and z_kept
     count = pixel_count(children[0]) if count is None else count

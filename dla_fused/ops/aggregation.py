@@ -49,27 +49,34 @@ def aggregation_node_reference(children: Sequence[Tensor], weight: Tensor, bn_we
 # ---------------------------------------------------------------------------------------------
 def _forward(P, children: List[Tensor], weight: Tensor, bn_weight: Tensor, bn_bias: Tensor,
              running_mean: Optional[Tensor], running_var: Optional[Tensor], batch_stats: bool,
-             eps: float, residual: bool, keep_z: bool, group=None
-             ) -> Tuple[Tensor, Tensor, Tensor, int, Optional[Tensor]]:
-    """(out, mean, var, pixel count, z when kept for backward else None)."""
+             eps: float, residual: bool, keep_z: bool, group=None, running=None
+             ) -> Tuple[Tensor, Tensor, Tensor, int, Optional[Tensor], bool]:
+    """(out, mean, var, pixel count, z when kept for backward else None, whether the running
+    statistics were updated). `running` = (running_mean, running_var, num_batches_tracked,
+    momentum): a backend with `agg_forward_train` (Triton) updates them in its statistics kernel;
+    otherwise the caller does."""
     weight2d = weight.flatten(1)
     res = children[0] if residual else None
+    fused = getattr(P, "agg_forward_train", None)
+    if batch_stats and fused is not None and group is None:  # the whole forward in three launches
+        out, mean, var, z = fused(children, weight2d, bn_weight, bn_bias, eps, residual, keep_z, running)
+        return out, mean, var, _bn.pixel_count(children[0]), z, running is not None
     if batch_stats:
         z, mean, var, count, scale, shift = _bn.product_stats_affine(P, children, weight2d, bn_weight, bn_bias,
                                                                      eps, group)
         if keep_z:  # the output in a buffer of its own: backward reads z instead of recomputing it
-            return P.agg_apply(z, scale, shift, res), mean, var, count, z
+            return P.agg_apply(z, scale, shift, res), mean, var, count, z, False
         # memory-efficient: the product is normalised in place (no extra buffer), and recomputed
         # in backward
         P.agg_apply_(z, scale, shift, res)
-        return z, mean, var, count, None
+        return z, mean, var, count, None, False
     # Eval: BatchNorm folded into the weights, one GEMM with a bias + residual + ReLU epilogue.
     acc = acc_dtype(weight.dtype)
     mean, var = running_mean.to(acc), running_var.to(acc)
     scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
     folded = (weight2d.to(acc) * scale[:, None]).to(weight.dtype)
     out = P.agg_conv(children, folded, shift, res, True, False)[0]
-    return out, mean.clone(), var.clone(), _bn.pixel_count(children[0]), None
+    return out, mean.clone(), var.clone(), _bn.pixel_count(children[0]), None, False
 
 
 def _primitives(children: List[Tensor], batch_stats: bool, residual: bool, keep_z: bool, trial=None):
@@ -84,11 +91,11 @@ def _primitives(children: List[Tensor], batch_stats: bool, residual: bool, keep_
 
 def _trial(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z):
     def run(P):
-        out, mean, var, _, z = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
-                                        batch_stats, eps, residual, keep_z)
+        out, mean, var, _, z, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                           batch_stats, eps, residual, keep_z)
         if batch_stats:  # out stands in for the incoming gradient
             _bn.backward(P, out, out, children, weight.flatten(1), bn_weight, mean, var, eps, True, residual,
-                         z=z, z_kept=z is not None)
+                         z=z, z_kept=z is not None, bn_bias=bn_bias)
     return run
 
 
@@ -104,8 +111,8 @@ def _aggregation_node_op(children: List[Tensor], weight: Tensor, bn_weight: Tens
     with _bn.no_autocast(children[0]):
         P = _primitives(children, batch_stats, residual, keep_z, _trial(
             children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z))
-        out, mean, var, _, z = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
-                                        batch_stats, eps, residual, keep_z)
+        out, mean, var, _, z, _ = _forward(P, children, weight, bn_weight, bn_bias, running_mean, running_var,
+                                           batch_stats, eps, residual, keep_z)
     return out, mean, var, out.new_empty(0) if z is None else z
 
 
@@ -121,7 +128,8 @@ def _(children, weight, bn_weight, bn_bias, running_mean, running_var, batch_sta
 
 @torch.library.custom_op("dla_fused::aggregation_node_backward", mutates_args=())
 def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[Tensor], weight: Tensor,
-                                  bn_weight: Tensor, mean: Tensor, var: Tensor, z: Tensor, batch_stats: bool,
+                                  bn_weight: Tensor, bn_bias: Tensor, mean: Tensor, var: Tensor, z: Tensor,
+                                  batch_stats: bool,
                                   eps: float, residual: bool, bn_grads: bool
                                   ) -> Tuple[List[Tensor], Tensor, Tensor, Tensor]:
     """z: the forward's kept conv output, or an empty tensor (then it is recomputed)."""
@@ -131,32 +139,32 @@ def _aggregation_node_backward_op(grad_out: Tensor, out: Tensor, children: List[
     with _bn.no_autocast(out):
         grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
                                                      mean, var, eps, batch_stats, residual, bn_grads=bn_grads,
-                                                     z=z if keep_z else None, z_kept=keep_z)
+                                                     z=z if keep_z else None, z_kept=keep_z, bn_bias=bn_bias)
     if grad_g is None:
         grad_g = grad_b = mean.new_zeros(mean.shape)
     return grads, grad_w.view_as(weight), grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
 
 
 @_aggregation_node_backward_op.register_fake
-def _(grad_out, out, children, weight, bn_weight, mean, var, z, batch_stats, eps, residual, bn_grads):
+def _(grad_out, out, children, weight, bn_weight, bn_bias, mean, var, z, batch_stats, eps, residual, bn_grads):
     return ([torch.empty_like(c) for c in children], torch.empty_like(weight),
             torch.empty_like(bn_weight), torch.empty_like(bn_weight))
 
 
 def _setup_context(ctx, inputs, output):
-    children, weight, bn_weight, _, _, _, batch_stats, eps, residual, _ = inputs
+    children, weight, bn_weight, bn_bias, _, _, batch_stats, eps, residual, _ = inputs
     out, mean, var, z = output
     ctx.mark_non_differentiable(mean, var, z)
-    ctx.save_for_backward(out, mean, var, z, weight, bn_weight, *children)
+    ctx.save_for_backward(out, mean, var, z, weight, bn_weight, bn_bias, *children)
     ctx.args = (batch_stats, eps, residual)
 
 
 def _backward(ctx, grad_out, _grad_mean, _grad_var, _grad_z):
-    out, mean, var, z, weight, bn_weight, *children = ctx.saved_tensors
+    out, mean, var, z, weight, bn_weight, bn_bias, *children = ctx.saved_tensors
     batch_stats, eps, residual = ctx.args
     bn_grads = ctx.needs_input_grad[2] or ctx.needs_input_grad[3]
     grads, grad_w, grad_g, grad_b = torch.ops.dla_fused.aggregation_node_backward(
-        grad_out, out, children, weight, bn_weight, mean, var, z, batch_stats, eps, residual, bn_grads)
+        grad_out, out, children, weight, bn_weight, bn_bias, mean, var, z, batch_stats, eps, residual, bn_grads)
     return grads, grad_w, grad_g, grad_b, None, None, None, None, None, None
 
 
@@ -167,23 +175,27 @@ class _AggregationNodeFunction(torch.autograd.Function):
     """The same computation as the custom op, as a plain autograd.Function: eager calls take this
     path (a few tens of microseconds less Python per call than the custom op, which torch.compile
     uses), and it is the only path that takes a process group. `count_box` (a list) receives the
-    number of pixels the statistics were taken over, all ranks included."""
+    number of pixels the statistics were taken over, all ranks included, and whether the running
+    statistics were updated. `running` (num_batches_tracked, momentum), or None: the running
+    statistics to update in the forward's own kernels where the backend can."""
 
     @staticmethod
-    def forward(ctx, group, count_box, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
-                residual, keep_z, *children):
+    def forward(ctx, group, count_box, running, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
+                eps, residual, keep_z, *children):
         children = list(children)
         keep_z = keep_z and batch_stats
         with _bn.no_autocast(children[0]):
             P = _primitives(children, batch_stats, residual, keep_z, _trial(
                 children, weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, residual, keep_z))
-            out, mean, var, count, z = _forward(P, children, weight, bn_weight, bn_bias, running_mean,
-                                                running_var, batch_stats, eps, residual, keep_z, group)
-        count_box.append(count)
+            update = (running_mean, running_var, *running) if running is not None else None
+            out, mean, var, count, z, updated = _forward(P, children, weight, bn_weight, bn_bias, running_mean,
+                                                         running_var, batch_stats, eps, residual, keep_z, group,
+                                                         update)
+        count_box += [count, updated]
         if z is None:
-            ctx.save_for_backward(out, mean, var, weight, bn_weight, *children)
+            ctx.save_for_backward(out, mean, var, weight, bn_weight, bn_bias, *children)
         else:
-            ctx.save_for_backward(out, mean, var, weight, bn_weight, z, *children)
+            ctx.save_for_backward(out, mean, var, weight, bn_weight, bn_bias, z, *children)
         ctx.args = (P, group, batch_stats, eps, residual, count, z is not None)
         ctx.mark_non_differentiable(mean, var)
         ctx.set_materialize_grads(False)  # no zero-filled gradients for mean and var
@@ -192,20 +204,22 @@ class _AggregationNodeFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         if grad_out is None:  # the output did not reach the loss
-            children = len(ctx.saved_tensors) - 5 - ctx.args[-1]  # saved: out, mean, var, weight, bn_weight, [z]
-            return (None,) * (11 + children)
+            # saved: out, mean, var, weight, bn_weight, bn_bias, [z]
+            children = len(ctx.saved_tensors) - 6 - ctx.args[-1]
+            return (None,) * (12 + children)
         P, group, batch_stats, eps, residual, count, kept = ctx.args
-        out, mean, var, weight, bn_weight, *children = ctx.saved_tensors
+        out, mean, var, weight, bn_weight, bn_bias, *children = ctx.saved_tensors
         z = children.pop(0) if kept else None
         grad_out = grad_out.contiguous(memory_format=memory_format_of(out))
         bn_grads = ctx.needs_input_grad[3] or ctx.needs_input_grad[4]
         with _bn.no_autocast(out):
             grads, grad_w, grad_g, grad_b = _bn.backward(P, grad_out, out, children, weight.flatten(1), bn_weight,
                                                          mean, var, eps, batch_stats, residual, group=group,
-                                                         count=count, bn_grads=bn_grads, z=z, z_kept=kept)
+                                                         count=count, bn_grads=bn_grads, z=z, z_kept=kept,
+                                                         bn_bias=bn_bias)
         if grad_g is not None:
             grad_g, grad_b = grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
-        return (None, None, grad_w.view_as(weight), grad_g, grad_b, None, None, None, None, None, None, *grads)
+        return (None, None, None, grad_w.view_as(weight), grad_g, grad_b, None, None, None, None, None, None, *grads)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,8 +254,10 @@ def _validate(children, weight, bn_weight, bn_bias, running_mean, running_var, n
 
 # Default of `memory_efficient` per device type (others: True). Measured on the CPU
 # (benchmarks/RESULTS.md, "Keeping z or recomputing it"): keeping z saves one of the four matrix
-# products of a training step. Untested on GPUs, where recomputing stays the default.
-MEMORY_EFFICIENT_DEFAULT = {"cpu": False}
+# products of a training step. On CUDA chosen by the traffic model (benchmarks/roofline.py):
+# with the Triton path's kernels, keeping z moves no more bytes than recomputing it at every DLA
+# root (each has C_in >= 2 C_out) and saves FLOPs; untested on a GPU.
+MEMORY_EFFICIENT_DEFAULT = {"cpu": False, "cuda": False}
 
 
 def default_memory_efficient(device: torch.device) -> bool:
@@ -269,7 +285,8 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
         process_group: combine statistics over this torch.distributed group (like SyncBatchNorm).
         memory_efficient: in training, True recomputes the conv output in backward (one more
             matrix product), False keeps it for backward (one more (N, C_out, H, W) tensor
-            saved); None: the device's default, False on CPU (measured faster), True elsewhere.
+            saved); None: the device's default, False on CPU (measured faster) and CUDA (the
+            traffic model's choice), True elsewhere.
 
     Returns (N, C_out, H, W) in the children's dtype. Under torch.autocast the children and weight
     are cast to the autocast dtype (float32 ones only, as autocast does). Saved for backward: the
@@ -300,9 +317,16 @@ def aggregation_node(children: Sequence[Tensor], weight: Tensor, bn_weight: Tens
         count = _bn.pixel_count(children[0])
     else:
         count_box = []
-        out, mean, var = _AggregationNodeFunction.apply(group, count_box, weight, bn_weight, bn_bias, running_mean,
-                                                        running_var, batch_stats, eps, residual, keep_z, *children)
-        count = count_box[0]
+        # the running statistics in the forward's kernels where the backend can (cumulative
+        # averaging needs num_batches_tracked)
+        running = (num_batches_tracked, momentum) if training and running_mean is not None and (
+            momentum is not None or num_batches_tracked is not None) else None
+        out, mean, var = _AggregationNodeFunction.apply(group, count_box, running, weight, bn_weight, bn_bias,
+                                                        running_mean, running_var, batch_stats, eps, residual, keep_z,
+                                                        *children)
+        count, updated = count_box
+        if updated:
+            return out
     if training:
         _bn.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return out

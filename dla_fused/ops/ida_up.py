@@ -52,13 +52,20 @@ def ida_up_reference(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight:
 # Custom ops
 # ---------------------------------------------------------------------------------------------
 def _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps,
-             up_weight, factor, skip, group=None) -> Tuple[Tensor, Tensor, Tensor, int]:
+             up_weight, factor, skip, group=None, running=None) -> Tuple[Tensor, Tensor, Tensor, int, bool]:
+    """(out, mean, var, pixel count, whether the running statistics were updated: `running` =
+    (running_mean, running_var, num_batches_tracked, momentum), by a backend with
+    `ida_forward_train` (Triton) in its statistics kernel; otherwise the caller does)."""
     count = _bn.pixel_count(x)
     with _bn.no_autocast(x):
         if proj_weight is None:
             empty = x.new_empty(0, dtype=acc_dtype(x.dtype))
-            return P.ida_upsample(x, None, None, up_weight, factor, skip), empty, empty.clone(), count
+            return P.ida_upsample(x, None, None, up_weight, factor, skip), empty, empty.clone(), count, False
         weight2d = proj_weight.flatten(1)
+        fused = getattr(P, "ida_forward_train", None)
+        if batch_stats and fused is not None and group is None:  # three launches
+            out, mean, var = fused(x, weight2d, bn_weight, bn_bias, eps, up_weight, factor, skip, running)
+            return out, mean, var, count, running is not None
         if batch_stats:
             z, mean, var, count, scale, shift = _bn.product_stats_affine(P, [x], weight2d, bn_weight, bn_bias, eps,
                                                                          group)
@@ -67,7 +74,7 @@ def _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, b
             acc = acc_dtype(x.dtype)
             mean, var = running_mean.to(acc).clone(), running_var.to(acc).clone()
             scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
-        return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count
+        return P.ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var, count, False
 
 
 def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_stats, eps, up_weight,
@@ -80,6 +87,11 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
             grad_x, grad_up = P.ida_upsample_backward(grad_out, x, None, None, up_weight, factor)
             return grad_x, None, None, None, grad_up if up_weight is not None else None
         weight2d = proj_weight.flatten(1)
+        fused = getattr(P, "ida_backward_fused", None)
+        if batch_stats and fused is not None and group is None:  # two launches
+            grad_x, grad_w, grad_g, grad_b, grad_up = fused(grad_out, x, weight2d, bn_weight, bn_bias, mean, var, eps,
+                                                            up_weight, factor)
+            return grad_x, grad_w.view_as(proj_weight), grad_g, grad_b, grad_up
         scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
         z = _bn.recompute_product(P, [x], weight2d)
         grad_p, grad_up = P.ida_upsample_backward(grad_out, z, scale, shift, up_weight, factor)
@@ -101,8 +113,8 @@ def _primitives(x, proj_weight, batch_stats, up_weight, factor, trial=None):
 def _trial(x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor,
            skip):
     def run(P):
-        out, mean, var, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
-                                     batch_stats, eps, up_weight, factor, skip)
+        out, mean, var, _, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
+                                        batch_stats, eps, up_weight, factor, skip)
         if batch_stats:  # out stands in for the incoming gradient
             _backward(P, out, x, proj_weight, bn_weight, bn_bias, mean, var, True, eps, up_weight, factor)
     return run
@@ -116,8 +128,8 @@ def _ida_up_op(x: Tensor, proj_weight: Optional[Tensor], bn_weight: Optional[Ten
     """Returns (out, mean, var): the projection's statistics (empty without projection)."""
     P = _primitives(x, proj_weight, batch_stats, up_weight, factor, _trial(
         x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor, skip))
-    out, mean, var, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
-                                 batch_stats, eps, up_weight, factor, skip)
+    out, mean, var, _, _ = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
+                                    batch_stats, eps, up_weight, factor, skip)
     return out, mean, var
 
 
@@ -185,17 +197,19 @@ class _IDAUpFunction(torch.autograd.Function):
     """The same computation as the custom op, as a plain autograd.Function: eager calls take this
     path (less Python per call than the custom op, which torch.compile uses), and it is the only
     path that takes a process group. `count_box` (a list) receives the number of pixels the
-    statistics were taken over, all ranks included."""
+    statistics were taken over, all ranks included, and whether the running statistics were
+    updated; `running` (num_batches_tracked, momentum) or None, as in the aggregation node."""
 
     @staticmethod
-    def forward(ctx, group, count_box, x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats,
-                eps, up_weight, factor, skip):
+    def forward(ctx, group, count_box, running, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
+                batch_stats, eps, up_weight, factor, skip):
         P = _primitives(x, proj_weight, batch_stats, up_weight, factor, _trial(
             x, proj_weight, bn_weight, bn_bias, running_mean, running_var, batch_stats, eps, up_weight, factor,
             skip))
-        out, mean, var, count = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
-                                         batch_stats, eps, up_weight, factor, skip, group)
-        count_box.append(count)
+        update = (running_mean, running_var, *running) if running is not None else None
+        out, mean, var, count, updated = _forward(P, x, proj_weight, bn_weight, bn_bias, running_mean, running_var,
+                                                  batch_stats, eps, up_weight, factor, skip, group, update)
+        count_box += [count, updated]
         ctx.save_for_backward(x, proj_weight, bn_weight, bn_bias, up_weight, mean, var)
         ctx.args = (P, group, batch_stats, eps, factor, count, skip is not None)
         ctx.mark_non_differentiable(mean, var)
@@ -205,16 +219,16 @@ class _IDAUpFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out, _grad_mean, _grad_var):
         if grad_out is None:  # the output did not reach the loss
-            return (None,) * 13
+            return (None,) * 14
         x, proj_weight, bn_weight, bn_bias, up_weight, mean, var = ctx.saved_tensors
         P, group, batch_stats, eps, factor, count, has_skip = ctx.args
-        bn_grads = proj_weight is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5])
+        bn_grads = proj_weight is not None and (ctx.needs_input_grad[5] or ctx.needs_input_grad[6])
         grad_x, grad_w, grad_g, grad_b, grad_up = _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean,
                                                             var, batch_stats, eps, up_weight, factor, group, count,
                                                             bn_grads)
         if grad_g is not None:
             grad_g, grad_b = grad_g.to(bn_weight.dtype), grad_b.to(bn_weight.dtype)
-        return (None, None, grad_x, grad_w, grad_g, grad_b, None, None, None, None, grad_up, None,
+        return (None, None, None, grad_x, grad_w, grad_g, grad_b, None, None, None, None, grad_up, None,
                 grad_out if has_skip else None)
 
 
@@ -311,9 +325,13 @@ def ida_up(x: Tensor, proj_weight: Optional[Tensor] = None, bn_weight: Optional[
         count = _bn.pixel_count(x)
     else:
         count_box = []
-        out, mean, var = _IDAUpFunction.apply(group, count_box, x, proj_weight, bn_weight, bn_bias, running_mean,
-                                              running_var, batch_stats, eps, up_weight, factor, skip)
-        count = count_box[0]
+        running = (num_batches_tracked, momentum) if training and proj_weight is not None and (
+            running_mean is not None and (momentum is not None or num_batches_tracked is not None)) else None
+        out, mean, var = _IDAUpFunction.apply(group, count_box, running, x, proj_weight, bn_weight, bn_bias,
+                                              running_mean, running_var, batch_stats, eps, up_weight, factor, skip)
+        count, updated = count_box
+        if updated:
+            return out
     if training and proj_weight is not None:
         _bn.update_running_stats(running_mean, running_var, num_batches_tracked, momentum, mean, var, count)
     return out
