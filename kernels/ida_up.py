@@ -15,8 +15,8 @@ from dla_fused.ops.primitives import acc_dtype, upsampled_size
 
 from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, interpreter_block, pixel_view,
                       round_to, tunable)
-from .aggregation import (_backward_vectors, _bn_affine, _chained_backward, _chained_blocks, _chained_recomputes,
-                          _counters, _gemm, _normalize, _product, block_k_of)
+from .aggregation import (MAX_GRID_Y, _backward_vectors, _bn_affine, _chained_backward, _chained_blocks,
+                          _chained_recomputes, _counters, _gemm, _normalize, _product, block_k_of)
 
 UPSAMPLE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
                     for p, c, w in ((64, 64, 4), (256, 16, 4), (32, 128, 4), (128, 32, 4), (128, 64, 8))]
@@ -276,7 +276,8 @@ def ida_backward_fused(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
     (z recomputed, the masked gradient of p stored, the BatchNorm sums, every per-channel vector
     and the up-weight gradient), then aggregation's chained pass over the one child x (z
     recomputed there, or stored by the first pass and read when recomputing would pass the ridge
-    point). Returns (grad x, grad W (2-D), grad gamma, grad beta, grad up weight or None)."""
+    point). Returns (grad x, grad W (2-D), grad gamma, grad beta, grad up weight or None), or None
+    when the coarse tiles would pass the grid's axis-1 limit (the unfused kernels then serve)."""
     n, c_in, h, w = x.shape
     c = weight.shape[0]
     acc = acc_dtype(x.dtype)
@@ -295,6 +296,8 @@ def ida_backward_fused(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
         block_p, block_s = max(16, 8192 // block_c // max(1, factor // 2) ** 2), 32
     block_k = block_k_of(c_in)
     c_blocks, tiles = triton.cdiv(c, block_c), triton.cdiv(num_pixels, block_p)
+    if tiles > MAX_GRID_Y:  # past the grid's axis-1 limit: the caller takes the unfused kernels
+        return None
     _, _, block_ci, _ = _chained_blocks(c, c_in)
     ci_blocks = triton.cdiv(c_in, block_ci)
     store_z = not _chained_recomputes(grad_p, [x], c_in, ci_blocks)

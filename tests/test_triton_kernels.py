@@ -519,3 +519,31 @@ def test_conv_grid_orders_give_the_same_bits(monkeypatch):
     expected = P.agg_conv(kids, weight, None, None, False, True)
     for a, e in zip(first, expected):
         torch.testing.assert_close(a, e, rtol=1e-12, atol=1e-12)
+
+
+@requires_interpreter
+def test_fused_ida_backward_beyond_the_grid_limit(monkeypatch):
+    """Coarse tiles past the grid's axis-1 limit: ida_backward_fused declines (None) and the op's
+    backward takes the unfused kernels, with the same gradients."""
+    from dla_fused import backend
+    from dla_fused.ops.ida_up import ida_up as ida_up_op, ida_up_reference
+    torch.manual_seed(7)
+    x = torch.randn(2, 5, 6, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(4, 5, 1, 1, dtype=torch.float64, requires_grad=True)
+    gamma = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    beta = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    up = torch.randn(4, 1, 4, 4, dtype=torch.float64, requires_grad=True)
+    monkeypatch.setattr(ida_up, "MAX_GRID_Y", 1)
+    args = (x[:, :, :3], weight.flatten(1), gamma, beta, torch.zeros(4, dtype=torch.float64),
+            torch.ones(4, dtype=torch.float64), 1e-5, up, 2)
+    assert ida_up.ida_backward_fused(torch.randn(2, 4, 6, 10, dtype=torch.float64), *args) is None
+    saved = backend._requested
+    backend.set_backend("triton")
+    try:
+        outs = [f(x, weight, gamma, beta, None, None, None, True, 0.1, 1e-5, up, 2)
+                for f in (ida_up_op, ida_up_reference)]
+        grads = [torch.autograd.grad(o, [x, weight, gamma, beta, up], torch.ones_like(o)) for o in outs]
+    finally:
+        backend._requested = saved
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)

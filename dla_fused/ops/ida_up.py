@@ -88,9 +88,11 @@ def _backward(P, grad_out, x, proj_weight, bn_weight, bn_bias, mean, var, batch_
             return grad_x, None, None, None, grad_up if up_weight is not None else None
         weight2d = proj_weight.flatten(1)
         fused = getattr(P, "ida_backward_fused", None)
-        if batch_stats and fused is not None and group is None:  # two launches
-            grad_x, grad_w, grad_g, grad_b, grad_up = fused(grad_out, x, weight2d, bn_weight, bn_bias, mean, var, eps,
-                                                            up_weight, factor)
+        grads = None
+        if batch_stats and fused is not None and group is None:  # two launches (None: too many tiles)
+            grads = fused(grad_out, x, weight2d, bn_weight, bn_bias, mean, var, eps, up_weight, factor)
+        if grads is not None:
+            grad_x, grad_w, grad_g, grad_b, grad_up = grads
             return grad_x, grad_w.view_as(proj_weight), grad_g, grad_b, grad_up
         scale, shift = _bn.affine(bn_weight, bn_bias, mean, var, eps, P)
         z = _bn.recompute_product(P, [x], weight2d)
