@@ -9,6 +9,13 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+# torch.compile's on-disk caches key a compiled backward on the forward graph, which does not
+# change when one of this package's custom ops changes its backward: a cache left by an older
+# checkout would serve a stale backward. The tests compile into a directory of their own.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="dla_fused-tests-inductor-")
+
 # Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of the cores,
 # so that torch's intra-op threads do not oversubscribe them.
 if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
