@@ -1,13 +1,17 @@
 """Convert a model to the fused ops in place, and back, without changing its state_dict.
 
 `fuse(model)` finds, by structure rather than class name:
-  * aggregation nodes: a module with a 1x1 bias-free `conv` (Conv2d), a `bn` (BatchNorm2d) and a
-    boolean `residual` (dla_fused, the original release) or `shortcut` (timm) attribute. It is
-    replaced by an `AggregationNode` sharing the same conv and bn, called the same way.
+  * aggregation nodes: a DLA `Root` (this package's or the original release's) or timm's `DlaRoot`
+    with a 1x1 bias-free `conv` (Conv2d), a `bn` (BatchNorm2d) and a boolean `residual` or
+    `shortcut` attribute. It is replaced by an `AggregationNode` sharing the same conv and bn,
+    called the same way.
   * IDA-Up modules: a module with `proj_i` / `up_i` submodules and a `project_up(i, x, skip=None)`
     method (dla_fused's IDAUp and the CenterNet-style summing IDAUp). Its `project_up` is replaced
     by the fused IDA-Up step; a 1x1 conv-BN-ReLU projection is fused too, any other projection
     (3x3, deformable) runs as it is and only the upsample + skip is fused.
+  * in any other model, aggregation chains in a torch.fx trace: cat -> 1x1 Conv2d -> BatchNorm2d
+    [-> + first input] -> ReLU; the forward of the module holding the chain runs the traced graph
+    with the chain replaced by an `AggregationNode` (see `dla_fused.graph_fuse`).
   * for CPU inference (see `dla_fused.prepack`): nn.Sequential runs of Conv2d [BatchNorm2d]
     [ReLU], dla_fused's BasicBlock / Bottleneck, and the two fused modules above run, in eval mode
     with autograd off, as prepacked oneDNN convolutions with BN folded in.
@@ -18,7 +22,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from . import prepack
+from . import graph_fuse, prepack
 from .models.centernet import CenterNet, IDAConv
 from .models.dla import DLA, BasicBlock, Bottleneck, BottleneckX
 from .models.dla_up import DLASeg
@@ -27,6 +31,7 @@ from .ops.aggregation import AggregationNode, is_plain_1x1
 from .ops.ida_up import IDAUpStep
 
 _ORIGINAL = "_dla_fused_original"
+_STRUCTURAL = (DLA, DLASeg, CenterNet)  # models whose every fusable part is found by structure
 _STEPS = "_dla_fused_steps"
 
 
@@ -55,7 +60,12 @@ def _root_like(module: nn.Module) -> Optional[bool]:
     if not bn.affine or bn.num_features != conv.out_channels:
         return None
     extra = set(dict(module.named_children())) - {"conv", "bn", "relu"}
-    return None if extra else flag
+    if extra or type(getattr(module, "relu", nn.ReLU())) is not nn.ReLU:
+        return None
+    # The forward is assumed, so the class must be one whose forward is known: DLA's Root (this
+    # package's and the original release's) or timm's DlaRoot. Other modules are matched in a
+    # trace (graph_fuse), which sees what their forward does.
+    return flag if type(module).__name__ in ("Root", "DlaRoot") else None
 
 
 def _fusable_step(proj: nn.Module, up: nn.Module):
@@ -98,24 +108,30 @@ def _prepack_forward(module: nn.Module):
     return None
 
 
-def fuse(model: nn.Module, prepack_inference: bool = True) -> nn.Module:
+def fuse(model: nn.Module, prepack_inference: bool = True, report: bool = False):
     """Route `model`'s aggregation nodes and IDA-Up steps through the fused ops, in place, and
     (prepack_inference=True) its conv-BN units through prepacked oneDNN convolutions in CPU
-    inference. Returns the model. The state_dict (names, shapes, values) is unchanged."""
+    inference. Returns the model, or with report=True (model, FuseReport): what was fused, what
+    was not and why (print it for a table). The state_dict (names, shapes, values) is unchanged.
+
+    Aggregation nodes are found by structure (DLA's Root in this package's, the original
+    release's and timm's layouts) and, in any other model, in a torch.fx trace: the chain
+    cat -> 1x1 Conv2d -> BatchNorm2d [-> + first input] -> ReLU (see dla_fused.graph_fuse)."""
     if not isinstance(prepack_inference, bool):
         raise ValueError(f"prepack_inference must be True or False, got {prepack_inference!r}")
+    if not isinstance(report, bool):
+        raise ValueError(f"report must be True or False, got {report!r}")
+    found = graph_fuse.FuseReport()
     for name, module in list(model.named_modules()):
         residual = _root_like(module)
-        forward = _prepack_forward(module)
-        if forward is not None and "forward" not in module.__dict__:
-            module.forward = _Method(forward, module)
-            module.__dict__[prepack.ON] = prepack_inference
         if residual is not None and name:
             parent_name, _, child = name.rpartition(".")
             node = AggregationNode.from_modules(module.conv, module.bn, residual=residual)
             node.__dict__[prepack.ON] = prepack_inference
             object.__setattr__(node, _ORIGINAL, module)  # kept for unfuse(), not registered
             setattr(model.get_submodule(parent_name) if parent_name else model, child, node)
+            found.append(graph_fuse.FuseEntry(name, "aggregation node", True,
+                                              f"{type(module).__name__} (residual={residual})"))
         elif _ida_like(module):
             # Steps share the module's proj_i / up_i; kept outside the module registry so that
             # the state_dict does not change.
@@ -124,16 +140,28 @@ def fuse(model: nn.Module, prepack_inference: bool = True) -> nn.Module:
                 if key.startswith("proj_"):
                     i = int(key[len("proj_"):])
                     steps[i] = _fusable_step(proj, getattr(module, f"up_{i}"))
+                    found.append(graph_fuse.FuseEntry(
+                        name, "IDA-Up step", steps[i] is not None,
+                        f"step {i}: " + ("upsampling not fusable" if steps[i] is None else
+                                         "projection + upsampling" if steps[i][0] is None else
+                                         f"upsampling ({type(proj).__name__} projection runs unfused)")))
             module.__dict__[_STEPS] = steps
             for plan in steps.values():
                 if plan is not None:
                     plan[1].__dict__[prepack.ON] = prepack_inference
             module.project_up = _Method(_fused_project_up, module)
-    return model
+    graph_fuse.fuse_graphs(model, _STRUCTURAL, found, prepack_inference)
+    for module in model.modules():
+        forward = _prepack_forward(module)
+        if forward is not None and "forward" not in module.__dict__:
+            module.forward = _Method(forward, module)
+            module.__dict__[prepack.ON] = prepack_inference
+    return (model, found) if report else model
 
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Undo `fuse`: the original modules and methods come back, sharing the same parameters."""
+    graph_fuse.restore(model)
     for name, module in list(model.named_modules()):
         original = module.__dict__.get(_ORIGINAL)
         if isinstance(module, AggregationNode) and isinstance(original, nn.Module) and name:
@@ -154,7 +182,7 @@ def set_prepack(model: nn.Module, enabled: bool) -> int:
     if not isinstance(enabled, bool):
         raise ValueError(f"enabled must be True or False, got {enabled!r}")
     units = [m for m in model.modules() if prepack.ON in m.__dict__]
-    units += [step for m in model.modules() for step in fused_steps(m)]
+    units += [step for m in model.modules() for step in fused_steps(m)] + graph_fuse.graph_nodes(model)
     for unit in units:
         unit.__dict__[prepack.ON] = enabled
     prepack.clear(model)
@@ -166,14 +194,15 @@ def set_memory_efficient(model: nn.Module, memory_efficient: Optional[bool]) -> 
     node's conv output in backward (fewer bytes saved), False keeps it (one matrix product fewer),
     None takes the device's default. Returns the number of nodes set."""
     _checks.memory_efficient(memory_efficient)
-    nodes = [m for m in model.modules() if isinstance(m, AggregationNode)]
+    nodes = [m for m in model.modules() if isinstance(m, AggregationNode)] + graph_fuse.graph_nodes(model)
     for node in nodes:
         node.memory_efficient = memory_efficient
     return len(nodes)
 
 
 def is_fused(model: nn.Module) -> bool:
-    return any(isinstance(m, AggregationNode) or _STEPS in m.__dict__ for m in model.modules())
+    return any(isinstance(m, AggregationNode) or _STEPS in m.__dict__ or graph_fuse._GRAPH in m.__dict__
+               for m in model.modules())
 
 
 def fused_steps(module: nn.Module):

@@ -1,0 +1,325 @@
+"""fuse() on networks other than DLA: aggregation chains found in a torch.fx trace.
+
+Every fused model is compared with an unfused deep copy in float64, training mode: outputs, every
+parameter gradient and the BatchNorm buffers; float32 by the tolerance rule (helpers.py)."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import dla_fused
+from dla_fused import graph_fuse
+from dla_fused.ops.aggregation import AggregationNode
+from helpers import FLOOR, assert_close, assert_within_rule, use_backend
+
+timm = pytest.importorskip("timm")
+
+
+def _calls(model):
+    """Count the calls of every fused node graph_fuse made in `model` (list, filled as they run)."""
+    calls = []
+    for node in graph_fuse.graph_nodes(model):
+        node.register_forward_hook(lambda m, args, out: calls.append(m))
+    return calls
+
+
+def _compare(ref, fused, x, rel=1e-10, steps=1):
+    """Outputs, parameter gradients and buffers of `fused` against `ref`, after `steps` training
+    steps on x (fresh gradients each)."""
+    for _ in range(steps):
+        outputs = []
+        for model in (ref, fused):
+            model.zero_grad(set_to_none=True)
+            out = model(x)
+            (out.square().mean() + out.mean()).backward()
+            outputs.append(out)
+        assert_close(outputs[1], outputs[0], "output", rel=rel)
+    ref_params = dict(ref.named_parameters())
+    for key, p in fused.named_parameters():
+        if p.grad is None and ref_params[key].grad is None:
+            continue
+        assert_close(p.grad, ref_params[key].grad, f"grad {key}", rel=rel)
+    ref_buffers = dict(ref.named_buffers())
+    for key, b in fused.named_buffers():
+        if b.is_floating_point():
+            assert_close(b, ref_buffers[key], f"buffer {key}", rel=rel)
+        else:
+            assert torch.equal(b, ref_buffers[key]), key
+
+
+# ---------------------------------------------------------------------------------------------
+# Small models with one chain each
+# ---------------------------------------------------------------------------------------------
+class Node(nn.Module):
+    """cat -> conv -> bn [-> + x0] -> act, written out in a forward as users write it."""
+
+    def __init__(self, chans=(5, 3), out=5, residual=False, act="relu", conv_kwargs=None, affine=True,
+                 norm=None):
+        super().__init__()
+        self.conv = nn.Conv2d(sum(chans), out, **(conv_kwargs or {"kernel_size": 1, "bias": False}))
+        self.bn = norm if norm is not None else nn.BatchNorm2d(out, affine=affine)
+        self.residual, self.act = residual, act
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, a, b):
+        y = self.bn(self.conv(torch.cat([a, b], dim=1)))
+        if self.residual:
+            y += a
+        if self.act == "relu":
+            return self.relu(y)
+        if self.act == "F.relu":
+            return F.relu(y, inplace=True)
+        if self.act == "method":
+            return y.relu_()
+        return F.silu(y)
+
+
+class Net(nn.Module):
+    """Two branches, a node, a head: the node's chain is owned by `node`, the net traces whole."""
+
+    def __init__(self, **node_kwargs):
+        super().__init__()
+        self.a = nn.Conv2d(3, 5, 3, padding=1)
+        self.b = nn.Sequential(nn.Conv2d(3, 3, 3, padding=1), nn.ReLU())
+        self.node = Node(**node_kwargs)
+        self.head = nn.Conv2d(self.node.conv.out_channels, 2, 1)
+
+    def forward(self, x):
+        return self.head(self.node(self.a(x), self.b(x)))
+
+
+def _fresh(model, dtype=torch.float64):
+    torch.manual_seed(0)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.affine:
+            nn.init.uniform_(m.weight, 0.5, 1.5)
+            nn.init.uniform_(m.bias, -0.5, 0.5)
+    return model.to(dtype).train()
+
+
+@pytest.mark.parametrize("act", ["relu", "F.relu", "method"])
+@pytest.mark.parametrize("residual", [False, True])
+def test_chain_in_a_forward_is_fused(act, residual):
+    use_backend("cpu")
+    ref = _fresh(Net(residual=residual, act=act))
+    fused, report = dla_fused.fuse(copy.deepcopy(ref), report=True)
+    assert report.count("aggregation node") == 1 and report.count("aggregation node", fused=False) == 0
+    (entry,) = report.fused
+    assert entry.path == "node" and ("+ x0" in entry.detail) == residual
+    (node,) = graph_fuse.graph_nodes(fused)
+    assert node.residual == residual and node.conv is fused.node.conv and node.bn is fused.node.bn
+    calls = _calls(fused)
+    x = torch.randn(3, 3, 7, 9, dtype=torch.float64)
+    _compare(ref, fused, x, steps=2)
+    assert len(calls) == 2  # the fused node ran, once per step
+    assert list(fused.state_dict()) == list(ref.state_dict())
+
+
+@pytest.mark.parametrize("case, reason", [
+    ({"act": "silu"}, "activation silu not supported"),
+    ({"conv_kwargs": {"kernel_size": 1, "bias": True}}, "has a bias"),
+    ({"conv_kwargs": {"kernel_size": 1, "bias": False, "stride": 2}}, "not a plain 1x1"),
+    ({"conv_kwargs": {"kernel_size": 1, "bias": False, "groups": 2}, "chans": (4, 4), "out": 4},
+     "not a plain 1x1"),
+    ({"conv_kwargs": {"kernel_size": 3, "bias": False, "padding": 1}}, "not a plain 1x1"),
+    ({"affine": False}, "no affine parameters"),
+    ({"norm": nn.GroupNorm(1, 5)}, "not a BatchNorm2d"),
+])
+def test_unsupported_chains_are_left_alone_with_the_reason(case, reason):
+    use_backend("cpu")
+    ref = _fresh(Net(**case))
+    fused, report = dla_fused.fuse(copy.deepcopy(ref), report=True)
+    (entry,) = report
+    assert not entry.fused and reason in entry.detail, str(report)
+    assert not graph_fuse.graph_nodes(fused) and not dla_fused.is_fused(fused)
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    assert torch.equal(fused(x), ref(x))
+
+
+class SharedCat(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(6, 4, 1, bias=False), nn.BatchNorm2d(4)
+
+    def forward(self, a, b):
+        c = torch.cat([a, b], 1)
+        return torch.relu(self.bn(self.conv(c))), c.mean()
+
+
+class SharedBn(SharedCat):
+    def forward(self, a, b):
+        y = self.bn(self.conv(torch.cat([a, b], 1)))
+        return torch.relu(y), y
+
+
+class OtherResidual(SharedCat):
+    def forward(self, a, b):
+        return torch.relu(self.bn(self.conv(torch.cat([a, b], 1))) + b[:, :1])
+
+
+class ChannelsLastDim(SharedCat):
+    def forward(self, a, b):
+        return torch.relu(self.bn(self.conv(torch.cat([a, b], 2))))  # a, b with 6 channels each
+
+
+@pytest.mark.parametrize("cls, reason", [
+    (SharedCat, "concatenation has another user"),
+    (SharedBn, "BatchNorm2d output has more than one user"),
+    (OtherResidual, "other than the first concatenated input"),
+    (ChannelsLastDim, "not the channels"),
+])
+def test_chains_with_other_users_are_left_alone(cls, reason):
+    model = cls()
+    _, report = dla_fused.fuse(model, report=True)
+    (entry,) = report
+    assert not entry.fused and reason in entry.detail, str(report)
+    assert "forward" not in model.__dict__
+
+
+def test_timm_bn_act_with_another_activation_is_reported():
+    from timm.layers import BatchNormAct2d
+    model = Net(norm=BatchNormAct2d(5, act_layer=nn.SiLU))
+    _, report = dla_fused.fuse(model, report=True)
+    assert "activation SiLU not supported" in report[0].detail
+    model = Net(norm=BatchNormAct2d(5, act_layer=nn.ReLU, drop_layer=nn.Dropout))
+    _, report = dla_fused.fuse(model, report=True)
+    assert "dropout" in report[0].detail
+
+
+class Untraceable(nn.Module):
+    """A data-dependent branch at the top: the net is searched submodule by submodule."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = Net()
+
+    def forward(self, x):
+        if x.sum() > 0:
+            x = -x
+        return self.net(x)
+
+
+def test_untraceable_model_is_searched_by_submodule():
+    use_backend("cpu")
+    ref = _fresh(Untraceable())
+    fused, report = dla_fused.fuse(copy.deepcopy(ref), report=True)
+    trace, chain = report
+    assert trace.kind == "trace" and not trace.fused and trace.path == "" and "could not be traced" in trace.detail
+    assert chain.fused and chain.path == "net.node"
+    _compare(ref, fused, torch.randn(2, 3, 5, 6, dtype=torch.float64))
+
+
+class Modal(nn.Module):
+    """A forward that branches on self.training and reads a buffer of its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.node = Node()
+        self.register_buffer("offset", torch.tensor(0.25))
+
+    def forward(self, a, b):
+        y = torch.cat([a, b], 1)
+        y = self.node.relu(self.node.bn(self.node.conv(y)))
+        return y * 2 if self.training else y + self.offset
+
+
+def test_training_branch_and_own_buffer():
+    use_backend("cpu")
+    ref = _fresh(Modal())
+    fused = dla_fused.fuse(copy.deepcopy(ref))
+    assert graph_fuse.owners(fused)[0][0] is fused  # the chain's owner is the model itself
+    a, b = torch.randn(2, 5, 4, 4, dtype=torch.float64), torch.randn(2, 3, 4, 4, dtype=torch.float64)
+    assert_close(fused(a, b), ref(a, b), "train")
+    ref.eval(), fused.eval()
+    assert_close(fused(a, b), ref(a, b), "eval")
+    for model in (ref, fused):  # a buffer replaced by .to(): the graph reads the new one
+        model.offset = torch.tensor(1.5, dtype=torch.float64)
+    assert_close(fused(a, b), ref(a, b), "after replacing the buffer")
+
+
+def test_unfuse_copy_and_pickle():
+    use_backend("cpu")
+    ref = _fresh(Net(residual=True))
+    fused = dla_fused.fuse(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
+    expected = fused(x)
+    for clone in (copy.deepcopy(fused), pickle.loads(pickle.dumps(fused))):
+        (node,) = graph_fuse.graph_nodes(clone)
+        assert node.conv is clone.node.conv  # the copy's node shares the copy's parameters
+        assert_close(clone(x), expected, "copy")
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    assert_close(torch.load(buffer, weights_only=False)(x), expected, "torch.save")
+    assert dla_fused.set_memory_efficient(fused, True) == 1
+    assert dla_fused.set_prepack(fused, False) == 2  # the node and the Sequential branch `b`
+    dla_fused.unfuse(fused)
+    assert not dla_fused.is_fused(fused) and "forward" not in fused.node.__dict__
+    assert not graph_fuse.owners(fused)
+
+
+def test_report_argument_is_checked():
+    with pytest.raises(ValueError, match="report must be True or False"):
+        dla_fused.fuse(Net(), report="yes")
+
+
+def test_dla_models_keep_their_structural_path():
+    model, report = dla_fused.fuse(dla_fused.create_model("dla34up", fused=False), report=True)
+    assert report.count("aggregation node") == 6 and report.count("IDA-Up step") == 14
+    assert not graph_fuse.owners(model) and all(e.kind != "trace" for e in report)
+
+
+# ---------------------------------------------------------------------------------------------
+# timm networks
+# ---------------------------------------------------------------------------------------------
+TIMM = {  # name: chains fused, chains left (and why)
+    "hgnetv2_b0": (5, 1),  # the stem's cat feeds a 3x3 stride-2 conv
+    "ese_vovnet19b_dw": (4, 0),
+    "cspdarknet53": (0, 5),  # LeakyReLU: not supported yet
+}
+
+
+@pytest.mark.parametrize("name", sorted(TIMM))
+def test_timm_network_float64(name):
+    use_backend("cpu")
+    torch.manual_seed(0)
+    ref = _fresh(timm.create_model(name, pretrained=False, num_classes=7))
+    fused, report = dla_fused.fuse(copy.deepcopy(ref), report=True)
+    assert (report.count("aggregation node"), report.count("aggregation node", fused=False)) == TIMM[name], str(report)
+    calls = _calls(fused)
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    _compare(ref, fused, x, steps=2)
+    assert len(calls) == 2 * TIMM[name][0]
+    assert list(fused.state_dict()) == list(ref.state_dict())
+    ref.eval(), fused.eval()
+    with torch.no_grad():
+        assert_close(fused(x), ref(x), "eval output")
+
+
+@pytest.mark.parametrize("name", ["hgnetv2_b0", "ese_vovnet19b_dw"])
+def test_timm_network_float32_within_rule(name):
+    use_backend("cpu")
+    torch.manual_seed(1)
+    truth = _fresh(timm.create_model(name, pretrained=False, num_classes=7))
+    eager = copy.deepcopy(truth).float()
+    fused = dla_fused.fuse(copy.deepcopy(truth).float())
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    results = []
+    for model, inp in ((truth, x), (eager, x.float()), (fused, x.float())):
+        out = model(inp)
+        out.square().mean().backward()
+        results.append((out, {k: p.grad for k, p in model.named_parameters()}))
+    (out64, g64), (out32, g32), (outf, gf) = results
+    assert_within_rule(outf, out64, out32, f"{name} output")
+    # Gradients: the rule per tensor, its floor relative to the largest gradient of the model
+    # (a bias in front of a BatchNorm has a true gradient of ~0, so its own scale means nothing).
+    scale = max(g.abs().max().item() for g in g64.values())
+    for key in g64:
+        err = (gf[key].double() - g64[key]).abs().max().item()
+        base = (g32[key].double() - g64[key]).abs().max().item()
+        bound = 2 * base + FLOOR[torch.float32] * scale
+        assert err <= bound, f"{name} grad {key}: error {err:.3g} > bound {bound:.3g} (eager {base:.3g})"
