@@ -50,6 +50,12 @@ def _step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MODEL_IM
     its forward alone (for the bytes saved for backward)."""
     model = _model(name, provider, memory_format).train()
     net = torch.compile(model, dynamic=False) if provider.endswith("compiled") else model
+    return _training_step(model, net, memory_format, batch, size)
+
+
+def _training_step(model, net, memory_format, batch, size):
+    """One SGD training step of `model` run as `net` (itself, or compiled), as a callable with
+    its forward alone (`.forward`) and the tensors that are not activations (`.exclude`)."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     images = torch.randn(batch, 3, *size, device=bu.DEVICE)
     images = images.contiguous(memory_format=memory_format)
@@ -102,6 +108,37 @@ def test_training_step_untuned(benchmark, name, batch, size):
         bu.select_backend(provider)
         bu.record("training step, untuned shapes", case, layout, "train step", provider, times[layout, provider],
                   saved=saved_bytes(fn.forward, exclude=fn.exclude), images=batch)
+
+
+# Networks other than DLA whose aggregation chains fuse() finds in a trace (dla_fused.graph_fuse):
+# timm's HGNetV2-B0 (the RT-DETR backbone) and VoVNet-19 (ESE, depthwise), at the CPU model sizes.
+OTHER_NETWORKS = ["hgnetv2_b0", "ese_vovnet19b_dw"]
+
+
+def _timm_step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MODEL_IMAGE, bu.MODEL_IMAGE)):
+    timm = pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    if provider.startswith("fused"):
+        dla_fused.fuse(model)
+        if bu.lean(provider):
+            dla_fused.set_memory_efficient(model, True)
+    model = model.to(bu.DEVICE).to(memory_format=memory_format).train()
+    return _training_step(model, model, memory_format, batch, size)
+
+
+@pytest.mark.parametrize("name", OTHER_NETWORKS)
+def test_training_step_other_networks(benchmark, name):
+    providers = ["eager"] + [f"fused:{b}" for b in bu.fused_backends()]
+    fns = {(layout, p): _timm_step(name, p, memory_format)
+           for layout, memory_format in bu.LAYOUTS.items() for p in providers}
+    benchmark.group = f"train step {name} (timm)"
+    times = bu.interleaved(benchmark, fns, 1)
+    case = f"{name} {bu.MODEL_BATCH}x3x{bu.MODEL_IMAGE}x{bu.MODEL_IMAGE}"
+    for (layout, provider), fn in fns.items():
+        bu.select_backend(provider)
+        bu.record("training step, other networks", case, layout, "train step", provider, times[layout, provider],
+                  saved=saved_bytes(fn.forward, exclude=fn.exclude), images=bu.MODEL_BATCH)
 
 
 # (network, batch, image size): classification at 224 px, one image and a batch; the dense
