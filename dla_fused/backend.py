@@ -84,7 +84,8 @@ def _extension():
     if "_C" not in _loaded:
         try:
             _loaded["_C"] = importlib.import_module("dla_fused._C")
-        except ImportError as err:  # not built: the reference and triton backends still work
+        except (ImportError, OSError) as err:  # not built (or a library missing): the reference
+            # and triton backends still work
             _loaded["_C"] = None
             _load_errors["_C"] = str(err)
     return _loaded["_C"]
@@ -298,3 +299,8 @@ def backend_info(print_it: bool = True) -> str:
     if print_it:
         print(text)
     return text
+
+
+# Loaded now rather than on first use: backend.resolve runs inside torch.compile's trace, which
+# cannot import a module (a fresh process whose first fused call is compiled would fail).
+_extension()

@@ -1,6 +1,9 @@
 """The fused aggregation node against its plain-PyTorch reference, on every CPU backend."""
 import copy
 import functools
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -189,6 +192,20 @@ def test_opcheck(backend_name):
             torch.library.opcheck(torch.ops.dla_fused.aggregation_node.default,
                                   (children, params["weight"], params["bn_weight"], params["bn_bias"],
                                    buffers["running_mean"], buffers["running_var"], batch_stats, 1e-5, True, keep_z))
+
+
+def test_compile_fullgraph_as_first_call_of_a_process():
+    """A process whose very first fused call is compiled with fullgraph=True (nothing loaded the
+    extension before torch.compile traces the backend choice)."""
+    code = ("import torch, dla_fused\n"
+            "dla_fused.set_backend('cpu')\n"
+            "node = dla_fused.nn.AggregationNode(6, 4, residual=False)\n"
+            "out = torch.compile(node, fullgraph=True)(torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4))\n"
+            "out.sum().backward()\n"
+            "print(tuple(out.shape))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().endswith("(2, 4, 4, 4)")
 
 
 def test_compile_fullgraph_matches_eager():

@@ -323,3 +323,17 @@ def test_timm_network_float32_within_rule(name):
         base = (g32[key].double() - g64[key]).abs().max().item()
         bound = 2 * base + FLOOR[torch.float32] * scale
         assert err <= bound, f"{name} grad {key}: error {err:.3g} > bound {bound:.3g} (eager {base:.3g})"
+
+
+def test_compile_fullgraph_over_a_model_fused_from_a_trace():
+    use_backend("cpu")
+    ref = _fresh(Net(residual=True))
+    fused = dla_fused.fuse(copy.deepcopy(ref))
+    compiled = torch.compile(fused, fullgraph=True)
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    out, expected = compiled(x), ref(x)
+    assert_close(out, expected, "compiled output")
+    out.square().sum().backward(), expected.square().sum().backward()
+    ref_params = dict(ref.named_parameters())
+    for key, p in fused.named_parameters():
+        assert_close(p.grad, ref_params[key].grad, f"compiled grad {key}")
