@@ -183,6 +183,7 @@ def set_prepack(model: nn.Module, enabled: bool) -> int:
         raise ValueError(f"enabled must be True or False, got {enabled!r}")
     units = [m for m in model.modules() if prepack.ON in m.__dict__]
     units += [step for m in model.modules() for step in fused_steps(m)] + graph_fuse.graph_nodes(model)
+    units += graph_fuse.graph_steps(model)
     for unit in units:
         unit.__dict__[prepack.ON] = enabled
     prepack.clear(model)

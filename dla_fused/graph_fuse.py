@@ -21,6 +21,7 @@ handled by tracing once per mode; other flags a forward branches on (e.g. a grad
 checkpointing switch) take effect after `unfuse` + `fuse` again.
 """
 import operator
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
@@ -30,6 +31,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .ops.aggregation import AggregationNode, is_plain_1x1
+from .ops.ida_up import IDAUpStep
+from .ops.primitives import upsampled_size
 
 _GRAPH = "_dla_fused_graph"  # the owner's _OwnerGraph, outside the module registry
 
@@ -86,7 +89,7 @@ def _timm_notrace():
 
 class _Tracer(fx.Tracer):
     """torch.fx's tracer with more leaves: normalisation layers (timm's BatchNormAct2d included),
-    the fused modules, modules whose forward `fuse` replaced, modules owning parameters or buffers
+    the fused modules, modules whose forward runs a fused graph, modules owning parameters or buffers
     of their own (so that a module's tensors are never baked into a graph), and timm's
     not-traceable modules."""
 
@@ -96,7 +99,9 @@ class _Tracer(fx.Tracer):
         self.notrace_modules = modules
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if isinstance(m, (nn.modules.batchnorm._NormBase, AggregationNode)) or "forward" in m.__dict__:
+        # an owner runs its own fused graph; other replaced forwards (fuse's prepacked CPU
+        # inference paths) fall back to their class's forward on traced values and are traced
+        if isinstance(m, (nn.modules.batchnorm._NormBase, AggregationNode, IDAUpStep)) or _GRAPH in m.__dict__:
             return True
         if self.notrace_modules and isinstance(m, self.notrace_modules):
             return True
@@ -151,7 +156,14 @@ def _common_prefix(paths: List[str]) -> str:
 
 
 def _module(root: nn.Module, node: fx.Node) -> Optional[nn.Module]:
-    return root.get_submodule(node.target) if node.op == "call_module" else None
+    """The module a call_module node calls (None for other nodes, and for the fused modules
+    inserted by _rewrite, which `root` does not hold)."""
+    if node.op != "call_module":
+        return None
+    try:
+        return root.get_submodule(node.target)
+    except AttributeError:
+        return None
 
 
 def _relu_like(root: nn.Module, node: fx.Node) -> Optional[str]:
@@ -302,6 +314,102 @@ def find_matches(root: nn.Module, graph: fx.Graph) -> List[_Match]:
     return matches
 
 
+class GraphIDAStep(nn.Module):
+    """A fused IDA-Up step found in a graph: step(x) (+ skip). The sum goes through the op only
+    when `skip` has the upsampled shape, dtype and device (the `+` in the traced code broadcasts
+    and promotes; the op does not); otherwise the op's result is added to it as the code did."""
+
+    def __init__(self, step: IDAUpStep):
+        super().__init__()
+        self.step = step
+
+    def forward(self, x: torch.Tensor, skip=None) -> torch.Tensor:
+        if skip is None:
+            return self.step(x)
+        up = self.step.up
+        factor = 1 if isinstance(up, nn.Identity) else up.stride[0]
+        channels = self.step.proj[0].out_channels if isinstance(self.step.proj, nn.Sequential) else x.shape[1]
+        size = [upsampled_size(s, factor) if factor > 1 else s for s in x.shape[2:]]
+        if (isinstance(skip, torch.Tensor) and x.dim() == 4 and skip.shape == (x.shape[0], channels, *size)
+                and skip.dtype == x.dtype and skip.device == x.device):
+            return self.step(x, skip)
+        return self.step(x) + skip
+
+
+@dataclass
+class _IdaMatch:
+    up: fx.Node
+    input: fx.Node  # what the fused step takes: the projection's input, or the upsampling's
+    skip: Optional[fx.Node]
+    end: fx.Node
+    erase: List[fx.Node]  # end first
+    up_path: str
+    proj: Optional[Tuple[str, str]]  # (conv path, bn path) when the projection is fused
+    chain: str
+    reason: Optional[str] = None
+    locations: List[str] = field(default_factory=list)
+
+
+def _projection(root: nn.Module, node: fx.Node):
+    """(conv node, bn node, relu node) when `node` is ReLU(BatchNorm2d(Conv2d 1x1(.))) with every
+    intermediate used once and the layers fusable as an IDA-Up projection, else None."""
+    if _relu_like(root, node) is None or len(node.args) != 1 or not isinstance(node.args[0], fx.Node):
+        return None
+    bn = node.args[0]
+    if bn.op != "call_module" or type(_module(root, bn)) is not nn.BatchNorm2d or _single_user(bn) is not node:
+        return None
+    conv = bn.args[0] if len(bn.args) == 1 and not bn.kwargs else None
+    if not isinstance(conv, fx.Node) or conv.op != "call_module" or _single_user(conv) is not bn:
+        return None
+    conv_mod, bn_mod = _module(root, conv), _module(root, bn)
+    if type(conv_mod) is not nn.Conv2d or conv_mod.bias is not None or not is_plain_1x1(conv_mod):
+        return None
+    if not bn_mod.affine or bn_mod.num_features != conv_mod.out_channels or len(conv.args) != 1 or conv.kwargs:
+        return None
+    return conv, bn, node
+
+
+def find_ida_matches(root: nn.Module, graph: fx.Graph) -> List[_IdaMatch]:
+    """Every ConvTranspose2d of `graph`: an IDA-Up upsampling, with its 1x1 conv-BN-ReLU projection
+    and its `+ skip` when present, fusable or with the reason it is not."""
+    matches = []
+    for up in graph.nodes:
+        if up.op != "call_module" or not isinstance(_module(root, up), nn.ConvTranspose2d):
+            continue
+        up_mod = _module(root, up)
+        x = up.args[0] if up.args else None
+        match = _IdaMatch(up, x, None, up, [up], up.target, None, f"{up.target}")
+        match.locations = [_location(up)]
+        matches.append(match)
+        if type(up_mod) is not nn.ConvTranspose2d or len(up.args) != 1 or up.kwargs or not isinstance(x, fx.Node):
+            match.reason = "not a plain ConvTranspose2d call"
+            continue
+        try:
+            IDAUpStep.from_modules(nn.Identity(), up_mod)
+        except ValueError as error:
+            match.reason = str(error).split(";")[0]
+            continue
+        proj = _projection(root, x)
+        if proj is None:
+            match.chain = f"{_describe(root, x)} (unfused) -> {up.target}"
+        else:
+            conv, bn, relu = proj
+            match.proj = (conv.target, bn.target)
+            match.input = conv.args[0]
+            match.erase += [relu, bn, conv]
+            match.locations += [_location(n) for n in proj]
+            match.chain = f"{conv.target} -> {bn.target} -> ReLU -> {up.target}"
+        add = _single_user(up)
+        if (add is not None and add.op == "call_function" and add.target in _ADD and len(add.args) == 2
+                and not add.kwargs and all(isinstance(a, fx.Node) for a in add.args) and add.args[0] is not add.args[1]):
+            match.skip = add.args[1] if add.args[0] is up else add.args[0]
+            match.erase.insert(0, add)
+            match.end = add
+            match.locations.append(_location(add))
+            match.chain += " -> + skip"
+    return matches
+
+
 # ---------------------------------------------------------------------------------------------
 # Owners: the modules whose forward runs the rewritten graph
 # ---------------------------------------------------------------------------------------------
@@ -311,13 +419,19 @@ class _OwnerGraph:
     shared by both graphs). A tensor the owner holds itself is read by the graph as it was when
     traced: if one is replaced (e.g. a buffer by `.to()`), the graphs are traced again."""
 
-    def __init__(self, nodes: Dict[str, AggregationNode], graphs: Dict[bool, fx.GraphModule], owner: nn.Module):
+    def __init__(self, nodes: Dict[str, nn.Module], graphs: Dict[bool, fx.GraphModule], owner: nn.Module):
         self.nodes, self.graphs, self.tensors = nodes, graphs, _own_tensors(owner)
 
-    def graph_for(self, owner: nn.Module) -> fx.GraphModule:
+    def graph_for(self, owner: nn.Module):
+        """The graph to run, or None (then the owner's own forward runs, unfused)."""
         if _own_tensors(owner) != self.tensors:
-            self.graphs = _rewrite_both(owner, self.nodes)
             self.tensors = _own_tensors(owner)
+            try:
+                self.graphs = _rewrite_both(owner, self.nodes)
+            except Exception as error:
+                warnings.warn(f"dla_fused: {type(owner).__name__} could not be traced again after its own "
+                              f"tensors changed ({_short_error(error)}); it runs unfused")
+                self.graphs = {True: None, False: None}
         return self.graphs[owner.training]
 
 
@@ -326,10 +440,13 @@ def _own_tensors(module: nn.Module) -> Tuple[int, ...]:
 
 
 def _owner_forward(self: nn.Module, *args, **kwargs):
-    return self.__dict__[_GRAPH].graph_for(self)(*args, **kwargs)
+    graph = self.__dict__[_GRAPH].graph_for(self)
+    if graph is None:
+        return type(self).forward(self, *args, **kwargs)
+    return graph(*args, **kwargs)
 
 
-def _rewrite_both(owner: nn.Module, nodes: Dict[str, AggregationNode]) -> Dict[bool, fx.GraphModule]:
+def _rewrite_both(owner: nn.Module, nodes: Dict[str, nn.Module]) -> Dict[bool, fx.GraphModule]:
     """The owner's rewritten graph in training and in eval mode (the modules' flags are restored)."""
     flags = [(m, m.training) for m in owner.modules()]
     graphs = {}
@@ -344,32 +461,46 @@ def _rewrite_both(owner: nn.Module, nodes: Dict[str, AggregationNode]) -> Dict[b
     return graphs
 
 
-def _rewrite(owner: nn.Module, nodes: Dict[str, AggregationNode]) -> Tuple[fx.GraphModule, List[_Match]]:
-    """Trace `owner` and swap every fusable chain for its fused node (made, and added to `nodes`,
-    on first sight of its conv). Returns the graph module and the matches found."""
+def _rewrite(owner: nn.Module, nodes: Dict[str, nn.Module]) -> Tuple[fx.GraphModule, list]:
+    """Trace `owner` and swap every fusable chain for its fused module (made, and added to `nodes`,
+    on first sight of its conv or upsampling). Aggregation chains go first, so that an upsampling
+    fed by one keeps it and fuses without the projection. Returns the graph module and the
+    matches found (aggregation chains, then IDA-Up steps)."""
     graph = _trace(owner)
-    matches = find_matches(owner, graph)
-    modules = {}
-    for k, match in enumerate(m for m in matches if m.reason is None):
-        node = nodes.get(match.conv_path)
+    modules: Dict[str, nn.Module] = {}
+
+    def replace(match, key, make, args):
+        node = nodes.get(key)
         if node is None:
-            node = AggregationNode.from_modules(owner.get_submodule(match.conv_path),
-                                                owner.get_submodule(match.bn_path), residual=match.residual)
-            nodes[match.conv_path] = node
-        name = f"_dla_fused_node_{k}"
+            node = nodes[key] = make()
+        name = f"_dla_fused_{len(modules)}"
         modules[name] = node
         with graph.inserting_before(match.end):
-            fused = graph.call_module(name, tuple(match.children))
+            fused = graph.call_module(name, args)
         match.end.replace_all_uses_with(fused)
         for old in match.erase:
             graph.erase_node(old)
+
+    matches = find_matches(owner, graph)
+    for m in matches:
+        if m.reason is None:
+            replace(m, "agg:" + m.conv_path, lambda m=m: AggregationNode.from_modules(
+                owner.get_submodule(m.conv_path), owner.get_submodule(m.bn_path), residual=m.residual),
+                tuple(m.children))
+    ida_matches = find_ida_matches(owner, graph)
+    for m in ida_matches:
+        if m.reason is None:
+            replace(m, "ida:" + m.up_path, lambda m=m: GraphIDAStep(IDAUpStep.from_modules(
+                nn.Identity() if m.proj is None else nn.Sequential(
+                    owner.get_submodule(m.proj[0]), owner.get_submodule(m.proj[1]), nn.ReLU()),
+                owner.get_submodule(m.up_path))), (m.input,) if m.skip is None else (m.input, m.skip))
     graph.lint()
     root = {}
     for node in graph.nodes:
         if node.op in ("call_module", "get_attr") and node.target not in modules:
             root[node.target] = _attribute(owner, node.target)
     root.update(modules)
-    return fx.GraphModule(root, graph, class_name=f"Fused{type(owner).__name__}"), matches
+    return fx.GraphModule(root, graph, class_name=f"Fused{type(owner).__name__}"), matches + ida_matches
 
 
 def _attribute(owner: nn.Module, target: str):
@@ -380,23 +511,23 @@ def _attribute(owner: nn.Module, target: str):
 
 
 def _install(owner: nn.Module, owner_path: str, report: FuseReport, prepack_on: bool) -> None:
-    nodes: Dict[str, AggregationNode] = {}
+    nodes: Dict[str, nn.Module] = {}
     try:
         matches = _rewrite(owner, nodes)[1]
         graphs = _rewrite_both(owner, nodes) if nodes else {}
     except Exception as error:
-        report.append(FuseEntry(owner_path, "trace", False, f"could not be traced on its own "
-                                f"({_short_error(error)})"))
+        report.append(FuseEntry(owner_path, "trace", False, f"could not be rewritten ({_short_error(error)})"))
         return
     for match in matches:
-        report.append(FuseEntry(owner_path, "aggregation node", match.reason is None,
+        kind = "IDA-Up step" if isinstance(match, _IdaMatch) else "aggregation node"
+        report.append(FuseEntry(owner_path, kind, match.reason is None,
                                 match.chain if match.reason is None else f"{match.chain}: {match.reason}"))
     if not nodes:
         return
     from . import prepack
     from .fuse import _Method
     for node in nodes.values():
-        node.__dict__[prepack.ON] = prepack_on
+        (node.step if isinstance(node, GraphIDAStep) else node).__dict__[prepack.ON] = prepack_on
     owner.__dict__[_GRAPH] = _OwnerGraph(nodes, graphs, owner)
     owner.forward = _Method(_owner_forward, owner)
 
@@ -418,7 +549,8 @@ def _search(module: nn.Module, path: str, skip, report: FuseReport, prepack_on: 
     if isinstance(module, AggregationNode) or not any(isinstance(m, nn.Conv2d) for m in module.modules()):
         return
     try:
-        matches = find_matches(module, _trace(module))
+        graph = _trace(module)
+        matches = find_matches(module, graph) + find_ida_matches(module, graph)
     except Exception as error:  # search the children one by one
         children = list(module.named_children())
         report.append(FuseEntry(path, "trace", False, f"could not be traced ({_short_error(error)}); "
@@ -429,15 +561,29 @@ def _search(module: nn.Module, path: str, skip, report: FuseReport, prepack_on: 
     found: List[str] = []  # owners in the order their first chain appears
     for match in matches:
         owner = _common_prefix(match.locations)
+        # an owner that does not trace on its own (e.g. its forward takes a list) hands its chains
+        # to the nearest ancestor that does (at worst `module`, which traced)
+        while owner and not _traces(module.get_submodule(owner)):
+            parent = owner.rpartition(".")[0]
+            report.append(FuseEntry(_join(path, owner), "trace", False, "could not be traced on its own; "
+                                    f"{_join(path, parent) or '(model)'} runs its fused graph instead"))
+            owner = parent
         if owner not in found:
             found.append(owner)
     # an owner inside another owner is rewritten with it
     chosen = [o for o in found if not any(p != o and (p == "" or o.startswith(p + ".")) for p in found)]
     for owner in chosen:
         target = module.get_submodule(owner) if owner else module
-        if isinstance(target, skip):
-            continue
-        _install(target, _join(path, owner), report, prepack_on)
+        if not isinstance(target, skip):
+            _install(target, _join(path, owner), report, prepack_on)
+
+
+def _traces(module: nn.Module) -> bool:
+    try:
+        _trace(module)
+    except Exception:
+        return False
+    return True
 
 
 def owners(model: nn.Module):
@@ -446,8 +592,13 @@ def owners(model: nn.Module):
 
 
 def graph_nodes(model: nn.Module) -> List[AggregationNode]:
-    """The fused nodes fuse_graphs made (not registered as submodules)."""
-    return [node for _, state in owners(model) for node in state.nodes.values()]
+    """The fused aggregation nodes fuse_graphs made (not registered as submodules)."""
+    return [node for _, state in owners(model) for node in state.nodes.values() if isinstance(node, AggregationNode)]
+
+
+def graph_steps(model: nn.Module) -> List[IDAUpStep]:
+    """The fused IDA-Up steps fuse_graphs made (not registered as submodules)."""
+    return [node.step for _, state in owners(model) for node in state.nodes.values() if isinstance(node, GraphIDAStep)]
 
 
 def restore(model: nn.Module) -> None:

@@ -337,3 +337,98 @@ def test_compile_fullgraph_over_a_model_fused_from_a_trace():
     ref_params = dict(ref.named_parameters())
     for key, p in fused.named_parameters():
         assert_close(p.grad, ref_params[key].grad, f"compiled grad {key}")
+
+
+# ---------------------------------------------------------------------------------------------
+# IDA-Up steps in DLA-Up and CenterNet networks written as other codebases write them
+# ---------------------------------------------------------------------------------------------
+def _outputs(out):
+    if isinstance(out, list):
+        return list(out[0].values())
+    return list(out)
+
+
+class _Wrap(nn.Module):
+    """One tensor out of a network's outputs, for _compare."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return torch.cat([t.flatten() for t in _outputs(self.net(x))])
+
+
+@pytest.mark.parametrize("layout, ours, expected", [
+    # the original release's dla_up.py: 10 projected x2^k steps + the head's final upsampling (its
+    # 1x1 conv has a bias: upsampling only); 4 steps are Identity (factor 1), nothing to fuse
+    ("release", "dla34up", {"aggregation node": 6, "IDA-Up step": 11}),
+    # CenterNet's pose_dla_dcn.py: 8 steps, 3x3 projections run unfused, upsampling + skip fused
+    ("pose", "centernet_dla34", {"aggregation node": 6, "IDA-Up step": 8}),
+    ("pose", "centernet_dla34_dcn", {"aggregation node": 6, "IDA-Up step": 8}),
+])
+def test_foreign_layouts_fuse_their_ida_up_steps(layout, ours, expected):
+    import foreign_layouts
+    use_backend("cpu")
+    torch.manual_seed(0)
+    kwargs = {"num_classes": 5} if layout == "release" else {"name": ours, "heads": {"hm": 3, "wh": 2}}
+    theirs = (foreign_layouts.release_dlaseg if layout == "release" else foreign_layouts.pose_dlaseg)(**kwargs)
+    theirs = _fresh(theirs)
+    # the layout computes what our model computes, with the same parameters
+    mine = dla_fused.create_model(ours, fused=False, **({"num_classes": 5} if layout == "release"
+                                                        else {"heads": {"hm": 3, "wh": 2}})).double()
+    mine.load_state_dict(theirs.state_dict())
+    # 64 px: at 32 the deepest BatchNorms normalise 2 values each and amplify rounding to ~1e-7
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    with torch.no_grad():
+        for a, b in zip(_outputs(copy.deepcopy(theirs).eval()(x)), _outputs(mine.eval()(x))):
+            assert_close(a, b, "layout vs ours")
+    fused, report = dla_fused.fuse(copy.deepcopy(theirs), report=True)
+    counts = {kind: report.count(kind) for kind in expected}
+    assert counts == expected, str(report)
+    steps = [e for e in report if e.kind == "IDA-Up step" and e.fused]
+    if layout == "pose":
+        assert all("+ skip" in e.detail and "(unfused)" in e.detail for e in steps)
+    else:
+        assert sum("-> ReLU ->" in e.detail for e in steps) == 10
+    calls = []
+    for step in graph_fuse.graph_steps(fused):
+        step.register_forward_hook(lambda m, args, out: calls.append(m))
+    _compare(_Wrap(theirs), _Wrap(fused), x, steps=2)
+    assert len(calls) == 2 * expected["IDA-Up step"]
+    theirs.eval(), fused.eval()
+    with torch.no_grad():
+        for a, b in zip(_outputs(fused(x)), _outputs(theirs(x))):
+            assert_close(a, b, "eval output")
+    assert len(calls) == 3 * expected["IDA-Up step"]
+
+
+def test_ida_step_with_a_broadcast_skip_adds_it_outside_the_op():
+    """`up(x) + b` with b broadcast (not the upsampled shape): the op upsamples, the sum stays
+    PyTorch's."""
+    use_backend("cpu")
+
+    class Up(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Sequential(nn.Conv2d(4, 3, 1, bias=False), nn.BatchNorm2d(3), nn.ReLU())
+            self.up = nn.ConvTranspose2d(3, 3, 4, stride=2, padding=1, groups=3, bias=False)
+
+        def forward(self, x, b):
+            return self.up(self.proj(x)) + b
+
+    ref = _fresh(Up())
+    fused, report = dla_fused.fuse(copy.deepcopy(ref), report=True)
+    (entry,) = report
+    assert entry.fused and entry.detail.endswith("+ skip")
+    x = torch.randn(2, 4, 5, 3, dtype=torch.float64)
+    for b in (torch.randn(2, 3, 10, 6, dtype=torch.float64), torch.randn(3, 1, 1, dtype=torch.float64)):
+        assert_close(fused(x, b), ref(x, b), f"skip {tuple(b.shape)}")
+
+
+def test_upsampling_that_is_not_bilinear_style_is_reported():
+    model = nn.Sequential(nn.ConvTranspose2d(3, 3, 3, stride=2, groups=3, bias=False))
+    model = nn.Sequential(model, nn.Conv2d(3, 3, 1))  # something to trace around it
+    _, report = dla_fused.fuse(model, report=True)
+    (entry,) = report
+    assert not entry.fused and "depthwise ConvTranspose2d with kernel 2f" in entry.detail
