@@ -254,6 +254,12 @@ def _rule_apply(a, grid):
     return z + (_nbytes(a["res_ptr"]) if a["HAS_RESIDUAL"] else 0), _nbytes(a["out_ptr"]), 0
 
 
+def _rule_activation_grad(a, grid):
+    """_activation_grad_kernel: grad_out and z (+ residual) in, the activation's gradient out."""
+    read = _nbytes(a["go_ptr"]) + _nbytes(a["z_ptr"]) + (_nbytes(a["res_ptr"]) if a["HAS_RESIDUAL"] else 0)
+    return read, _nbytes(a["out_ptr"]), 0
+
+
 def _rule_backward_sums(a, grid):
     """_backward_sums_kernel: program (output block, split) walks its pixel tiles: the children
     (RECOMPUTE: the product again, each block's programs adjacent on axis 0, so once) or the kept
@@ -387,6 +393,7 @@ RULES: Dict[str, Callable] = {
     "_affine_kernel": _rule_affine,
     "_conv_kernel": _rule_conv, "_finalize_stats_kernel": _rule_finalize, "_coefficients_kernel": _rule_coefficients,
     "_apply_kernel": _rule_apply,
+    "_activation_grad_kernel": _rule_activation_grad,
     "_backward_sums_kernel": _rule_backward_sums, "_backward_chained_kernel": _rule_backward_chained,
     "_reduce_kernel": _rule_reduce, "_dz_kernel": _rule_dz, "_weight_grad_kernel": _rule_weight_grad,
     "_upsample_kernel": _rule_upsample, "_upsample_backward_kernel": _rule_upsample_backward,

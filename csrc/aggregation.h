@@ -16,34 +16,60 @@
 
 namespace dla_fused {
 
-// y = a * scale + shift + b, then relu (each step optional): the epilogue of agg_conv (no scale)
-// and agg_apply_.
-template <typename acc_t>
+// y = a * scale + shift + b, then the activation (each step optional): the epilogue of agg_conv
+// (no scale) and agg_apply_. ReLU (GENERIC false) is compiled on its own, branch-free; the other
+// activations (GENERIC) switch on `act`.
+template <typename acc_t, bool GENERIC>
 struct AffineOp {
   const acc_t* scale;
   const acc_t* shift;
   bool add_b;
-  bool relu_out;
+  bool act_out;
+  int64_t act;
+  acc_t slope;
 
   C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t a, acc_t b, acc_t) const {
     acc_t y = scale ? a * scale[c] : a;
     if (shift) y = y + shift[c];
     if (add_b) y = y + b;
-    return relu_out ? relu(y) : y;
+    if (!act_out) return y;
+    if constexpr (GENERIC) {
+      return activate(y, act, slope);
+    } else {
+      return relu(y);
+    }
   }
 };
 
-// g = a * (b > 0) (a when not MASKED), then g * scale + z_coef * (z - mean) + bias (each step
-// optional; bias and mean come with z_coef): agg_backward_dz_ and the masked gradient.
-template <typename acc_t, bool MASKED>
+// g * act'(y) with y = z * scale + shift + r (r when add_r): the activation's gradient from its
+// recomputed input (agg_activation_grad).
+template <typename acc_t>
+struct ActivationGradOp {
+  const acc_t* scale;
+  const acc_t* shift;
+  bool add_r;
+  int64_t act;
+  acc_t slope;
+
+  C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t g, acc_t r, acc_t z) const {
+    acc_t y = z * scale[c] + shift[c];
+    if (add_r) y = y + r;
+    return activation_grad(g, y, act, slope);
+  }
+};
+
+// g = a masked by the activation output b (mask_grad), then g * scale + z_coef * (z - mean) + bias
+// (each step optional; bias and mean come with z_coef): agg_backward_dz_ and the masked gradient.
+template <typename acc_t, int MASK>
 struct GradOp {
   const acc_t* scale;
   const acc_t* z_coef;
   const acc_t* bias;
   const acc_t* mean;
+  acc_t slope;
 
   C10_HOST_DEVICE acc_t operator()(int64_t c, acc_t a, acc_t b, acc_t z) const {
-    acc_t g = MASKED ? masked_by(a, b) : a;
+    acc_t g = mask_grad<MASK>(a, b, slope);
     if (scale) g = g * scale[c];
     if (z_coef) g = g + z_coef[c] * (z - mean[c]) + bias[c];
     return g;
@@ -79,13 +105,14 @@ struct MomentsFinish {
   }
 };
 
-// sum g and sum g (z - mean), g = grad_out * (out > 0) (grad_out when not MASKED).
-template <typename acc_t, bool MASKED>
+// sum g and sum g (z - mean), g = grad_out masked by the activation output (mask_grad).
+template <typename acc_t, int MASK>
 struct GradSumsOp {
   using State = Sums<acc_t, 2>;
   const acc_t* mean;
+  acc_t slope;
   C10_HOST_DEVICE void operator()(State& s, int64_t c, acc_t grad, acc_t out, acc_t z) const {
-    const acc_t g = MASKED ? masked_by(grad, out) : grad;
+    const acc_t g = mask_grad<MASK>(grad, out, slope);
     s.v[0] += g;
     s.v[1] += g * (z - mean[c]);
   }
@@ -106,7 +133,7 @@ struct Aggregation {
   static std::tuple<at::Tensor, at::Tensor, at::Tensor> conv(at::TensorList children, const at::Tensor& weight,
                                                              const std::optional<at::Tensor>& shift,
                                                              const std::optional<at::Tensor>& residual,
-                                                             bool relu, bool stats) {
+                                                             bool activate, bool stats, int64_t act, double slope) {
     constexpr const char* op = "agg_conv";
     const int64_t c_out = check_children_and_weight(op, children, weight, at::Tensor());
     const at::Tensor& x0 = children[0];
@@ -134,31 +161,60 @@ struct Aggregation {
                                         static_cast<acc_t>(N * H * W)};
           });
     }
-    if (shift || residual || relu) {
+    if (shift || residual || activate) {
       const at::Tensor res = in_layout(residual, cl);
-      map_channels<Loops>(op, z, z, res, {}, cl, [&](auto acc) {
-        using acc_t = decltype(acc);
-        return AffineOp<acc_t>{nullptr, data_or_null<acc_t>(shift), res.defined(), relu};
+      with_flag(activate && act != kRelu, [&](auto generic) {
+        map_channels<Loops>(op, z, z, res, {}, cl, [&](auto acc) {
+          using acc_t = decltype(acc);
+          return AffineOp<acc_t, decltype(generic)::value>{nullptr, data_or_null<acc_t>(shift), res.defined(),
+                                                           activate, act, static_cast<acc_t>(slope)};
+        });
       });
     }
     return {z, mean, var};
   }
 
   static void apply_(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                     const std::optional<at::Tensor>& residual) {
-    apply_impl("agg_apply_", z, scale, shift, residual, /*in_place=*/true);
+                     const std::optional<at::Tensor>& residual, int64_t act, double slope) {
+    apply_impl("agg_apply_", z, scale, shift, residual, act, slope, /*in_place=*/true);
   }
 
-  // Out of place: returns relu(z * scale + shift (+ residual)) in z's layout; z is kept (the
+  // Out of place: returns act(z * scale + shift (+ residual)) in z's layout; z is kept (the
   // backward of the keep-z mode reads it).
   static at::Tensor apply(const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                          const std::optional<at::Tensor>& residual) {
-    return apply_impl("agg_apply", z, scale, shift, residual, /*in_place=*/false);
+                          const std::optional<at::Tensor>& residual, int64_t act, double slope) {
+    return apply_impl("agg_apply", z, scale, shift, residual, act, slope, /*in_place=*/false);
+  }
+
+  // grad_out * act'(z * scale + shift (+ residual)), in grad_out's layout.
+  static at::Tensor activation_grad(const at::Tensor& grad_out, const at::Tensor& z, const at::Tensor& scale,
+                                    const at::Tensor& shift, const std::optional<at::Tensor>& residual,
+                                    int64_t act, double slope) {
+    constexpr const char* op = "agg_activation_grad";
+    check_activation(op, "grad_out", grad_out);
+    check_dtype(op, Loops::kName, grad_out.scalar_type());
+    check_activation_like(op, "z", z, grad_out, grad_out.sizes().vec());
+    check_activation_like(op, "residual", residual, grad_out, grad_out.sizes().vec());
+    check_channel_vector(op, "scale", scale, grad_out.size(1), grad_out);
+    check_channel_vector(op, "shift", shift, grad_out.size(1), grad_out);
+    check_act(op, act, slope);
+    typename Loops::Guard guard(grad_out);
+
+    const bool cl = is_channels_last(grad_out);
+    const at::Tensor g = in_layout(grad_out, cl), zz = in_layout(z, cl), res = in_layout(residual, cl);
+    const at::Tensor result = at::empty(g.sizes(), g.options().memory_format(memory_format(cl)));
+    map_channels<Loops>(op, result, g, res, zz, cl, [&](auto acc) {
+      using acc_t = decltype(acc);
+      return ActivationGradOp<acc_t>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), res.defined(), act,
+                                     static_cast<acc_t>(slope)};
+    });
+    return result;
   }
 
   static std::tuple<at::Tensor, at::Tensor> backward_reduce(const at::Tensor& grad_out,
                                                             const std::optional<at::Tensor>& out,
-                                                            const at::Tensor& z, const at::Tensor& mean) {
+                                                            const at::Tensor& z, const at::Tensor& mean,
+                                                            double slope) {
     constexpr const char* op = "agg_backward_reduce";
     check_activation(op, "grad_out", grad_out);
     check_dtype(op, Loops::kName, grad_out.scalar_type());
@@ -172,12 +228,12 @@ struct Aggregation {
     const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl), zz = in_layout(z, cl);
     at::Tensor sum_g = at::empty({C}, mean.options());
     at::Tensor sum_gz = at::empty({C}, mean.options());
-    with_flag(o.defined(), [&](auto masked) {
+    with_mask(o.defined(), slope, [&](auto mask) {
       reduce_channels<Loops>(
           op, g, o, zz, cl,
           [&](auto acc) {
             using acc_t = decltype(acc);
-            return GradSumsOp<acc_t, decltype(masked)::value>{mean.data_ptr<acc_t>()};
+            return GradSumsOp<acc_t, decltype(mask)::value>{mean.data_ptr<acc_t>(), static_cast<acc_t>(slope)};
           },
           [&](auto acc) {
             using acc_t = decltype(acc);
@@ -189,21 +245,24 @@ struct Aggregation {
 
   static void backward_dz_(const at::Tensor& z, const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
                            const at::Tensor& scale, const std::optional<at::Tensor>& z_coef,
-                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean) {
-    dz_impl("agg_backward_dz_", z, grad_out, out, scale, z_coef, bias, mean, /*in_place=*/true);
+                           const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean,
+                           double slope) {
+    dz_impl("agg_backward_dz_", z, grad_out, out, scale, z_coef, bias, mean, slope, /*in_place=*/true);
   }
 
   // Out of place: returns dz = scale * g (+ z_coef * (z - mean) + bias) in z's layout, z unchanged.
   static at::Tensor backward_dz(const at::Tensor& z, const at::Tensor& grad_out, const std::optional<at::Tensor>& out,
                                 const at::Tensor& scale, const std::optional<at::Tensor>& z_coef,
-                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean) {
-    return dz_impl("agg_backward_dz", z, grad_out, out, scale, z_coef, bias, mean, /*in_place=*/false);
+                                const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& mean,
+                                double slope) {
+    return dz_impl("agg_backward_dz", z, grad_out, out, scale, z_coef, bias, mean, slope, /*in_place=*/false);
   }
 
   static std::tuple<std::vector<at::Tensor>, at::Tensor> backward_gemm(const at::Tensor& dz, at::TensorList children,
                                                                        const at::Tensor& weight,
                                                                        const std::optional<at::Tensor>& grad_out,
-                                                                       const std::optional<at::Tensor>& out) {
+                                                                       const std::optional<at::Tensor>& out,
+                                                                       double slope) {
     constexpr const char* op = "agg_backward_gemm";
     check_activation(op, "dz", dz);
     check_dtype(op, Loops::kName, dz.scalar_type());
@@ -219,14 +278,14 @@ struct Aggregation {
 
     const bool cl = is_channels_last(dz);
     const at::Tensor d = in_layout(dz, cl);
-    at::Tensor first;  // grad_out * (out > 0), onto which the product for children[0] accumulates
+    at::Tensor first;  // masked grad_out, onto which the product for children[0] accumulates
     if (grad_out) {
       first = at::empty(d.sizes(), d.options().memory_format(memory_format(cl)));
       const at::Tensor o = in_layout(out, cl);
-      with_flag(o.defined(), [&](auto masked) {
+      with_mask(o.defined(), slope, [&](auto mask) {
         map_channels<Loops>(op, first, in_layout(grad_out, cl), o, {}, cl, [&](auto acc) {
           using acc_t = decltype(acc);
-          return GradOp<acc_t, decltype(masked)::value>{nullptr, nullptr, nullptr, nullptr};
+          return GradOp<acc_t, decltype(mask)::value>{nullptr, nullptr, nullptr, nullptr, static_cast<acc_t>(slope)};
         });
       });
     }
@@ -234,23 +293,27 @@ struct Aggregation {
   }
 
  private:
-  // relu(z * scale + shift (+ residual)): into z itself (returned) or into a new tensor in z's layout.
+  // act(z * scale + shift (+ residual)): into z itself (returned) or into a new tensor in z's layout.
   static at::Tensor apply_impl(const char* op, const at::Tensor& z, const at::Tensor& scale, const at::Tensor& shift,
-                               const std::optional<at::Tensor>& residual, bool in_place) {
+                               const std::optional<at::Tensor>& residual, int64_t act, double slope, bool in_place) {
     check_activation(op, "z", z);
     check_dtype(op, Loops::kName, z.scalar_type());
     check_channel_vector(op, "scale", scale, z.size(1), z);
     check_channel_vector(op, "shift", shift, z.size(1), z);
     check_activation_like(op, "residual", residual, z, z.sizes().vec());
+    check_act(op, act, slope);
     typename Loops::Guard guard(z);
 
     const bool cl = is_channels_last(z);
     const at::Tensor zz = in_layout(z, cl);
     const at::Tensor res = in_layout(residual, cl);
     const at::Tensor result = in_place ? zz : at::empty(zz.sizes(), zz.options().memory_format(memory_format(cl)));
-    map_channels<Loops>(op, result, zz, res, {}, cl, [&](auto acc) {
-      using acc_t = decltype(acc);
-      return AffineOp<acc_t>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(), res.defined(), true};
+    with_flag(act != kRelu, [&](auto generic) {
+      map_channels<Loops>(op, result, zz, res, {}, cl, [&](auto acc) {
+        using acc_t = decltype(acc);
+        return AffineOp<acc_t, decltype(generic)::value>{scale.data_ptr<acc_t>(), shift.data_ptr<acc_t>(),
+                                                         res.defined(), true, act, static_cast<acc_t>(slope)};
+      });
     });
     if (in_place && !result.is_same(z)) z.copy_(result);
     return in_place ? z : result;
@@ -260,7 +323,7 @@ struct Aggregation {
   static at::Tensor dz_impl(const char* op, const at::Tensor& z, const at::Tensor& grad_out,
                             const std::optional<at::Tensor>& out, const at::Tensor& scale,
                             const std::optional<at::Tensor>& z_coef, const std::optional<at::Tensor>& bias,
-                            const std::optional<at::Tensor>& mean, bool in_place) {
+                            const std::optional<at::Tensor>& mean, double slope, bool in_place) {
     check_activation(op, "z", z);
     check_dtype(op, Loops::kName, z.scalar_type());
     check_activation_like(op, "grad_out", grad_out, z, z.sizes().vec());
@@ -277,15 +340,22 @@ struct Aggregation {
     const at::Tensor zz = in_layout(z, cl);
     const at::Tensor g = in_layout(grad_out, cl), o = in_layout(out, cl);
     const at::Tensor result = in_place ? zz : at::empty(zz.sizes(), zz.options().memory_format(memory_format(cl)));
-    with_flag(o.defined(), [&](auto masked) {
+    with_mask(o.defined(), slope, [&](auto mask) {
       map_channels<Loops>(op, result, g, o, z_coef ? zz : at::Tensor(), cl, [&](auto acc) {
         using acc_t = decltype(acc);
-        return GradOp<acc_t, decltype(masked)::value>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef),
-                                                      data_or_null<acc_t>(bias), data_or_null<acc_t>(mean)};
+        return GradOp<acc_t, decltype(mask)::value>{scale.data_ptr<acc_t>(), data_or_null<acc_t>(z_coef),
+                                                    data_or_null<acc_t>(bias), data_or_null<acc_t>(mean),
+                                                    static_cast<acc_t>(slope)};
       });
     });
     if (in_place && !result.is_same(z)) z.copy_(result);
     return in_place ? z : result;
+  }
+
+  static void check_act(const char* op, int64_t act, double slope) {
+    TORCH_CHECK(act >= kIdentity && act <= kSilu, "dla_fused::", op,
+                ": act must be 0 (identity), 1 (relu), 2 (leaky_relu) or 3 (silu), got ", act);
+    TORCH_CHECK(slope >= 0.0 && slope == slope, "dla_fused::", op, ": slope must be >= 0, got ", slope);
   }
 
   // Children: 4-D activations like `like` in dtype and device with children[0]'s N, H, W;

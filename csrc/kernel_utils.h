@@ -8,6 +8,7 @@
 
 #include <c10/macros/Macros.h>
 
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <initializer_list>
@@ -79,6 +80,82 @@ C10_HOST_DEVICE inline T masked_by(T g, T y) {
   std::memcpy(&g, &gb, sizeof(T));
   return g;
 #endif
+}
+
+// The aggregation node's activations (codes shared with dla_fused/ops/aggregation.py ACTIVATIONS).
+enum Activation : int64_t { kIdentity = 0, kRelu = 1, kLeakyRelu = 2, kSilu = 3 };
+
+template <typename T>
+C10_HOST_DEVICE inline T exp_of(T x) {
+#if defined(__CUDA_ARCH__)
+  return ::exp(x);
+#else
+  return std::exp(x);
+#endif
+}
+
+template <typename T>
+C10_HOST_DEVICE inline T sigmoid(T x) {
+  return T(1) / (T(1) + exp_of(-x));
+}
+
+// act(y) for an activation code; slope is LeakyReLU's negative slope.
+template <typename T>
+C10_HOST_DEVICE inline T activate(T y, int64_t act, T slope) {
+  switch (act) {
+    case kRelu:
+      return relu(y);
+    case kLeakyRelu:
+      return y > T(0) ? y : y * slope;
+    case kSilu:
+      return y / (T(1) + exp_of(-y));
+    default:
+      return y;
+  }
+}
+
+// g * act'(y), from the activation's input y.
+template <typename T>
+C10_HOST_DEVICE inline T activation_grad(T g, T y, int64_t act, T slope) {
+  switch (act) {
+    case kRelu:
+      return y > T(0) ? g : T(0);
+    case kLeakyRelu:
+      return y > T(0) ? g : g * slope;
+    case kSilu: {
+      const T s = sigmoid(y);
+      return g * (s * (T(1) + y * (T(1) - s)));
+    }
+    default:
+      return g;
+  }
+}
+
+// Gradient masks read from the activation's output (nonzero slope: LeakyReLU, whose output is
+// positive exactly where its input is, for slope >= 0).
+enum Mask : int { kUnmasked = 0, kReluMask = 1, kLeakyMask = 2 };
+
+template <int MASK, typename T>
+C10_HOST_DEVICE inline T mask_grad(T g, T out, T slope) {
+  if constexpr (MASK == kUnmasked) {
+    return g;
+  } else if constexpr (MASK == kReluMask) {
+    return masked_by(g, out);
+  } else {
+    return out > T(0) ? g : g * slope;
+  }
+}
+
+// f(std::integral_constant<int, MASK>{}) for an output-based mask (none when there is no output).
+template <typename F>
+void with_mask(bool has_out, double slope, F&& f) {
+  if (!has_out) {
+    f(std::integral_constant<int, kUnmasked>{});
+  } else if (slope == 0.0) {
+    f(std::integral_constant<int, kReluMask>{});
+  } else {
+    f(std::integral_constant<int, kLeakyMask>{});
+  }
 }
 
 C10_HOST_DEVICE inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }

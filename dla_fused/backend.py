@@ -41,7 +41,7 @@ KERNELS = NAMES[2:6]  # the primitive implementations that tuning measures
 AUTO_ORDER_CPU = {"aggregation_node": ("eager",), "ida_up": ("eager",)}
 OPS = tuple(AUTO_ORDER_CPU)
 TUNE_REPEATS = 3
-PRIMITIVES = ("agg_conv", "agg_apply_", "agg_apply", "agg_backward_reduce", "agg_backward_dz_", "agg_backward_dz",
+PRIMITIVES = ("agg_conv", "agg_apply_", "agg_apply", "agg_activation_grad", "agg_backward_reduce", "agg_backward_dz_", "agg_backward_dz",
               "agg_backward_gemm", "ida_upsample", "ida_upsample_backward")
 
 _requested: Optional[str] = None

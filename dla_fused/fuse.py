@@ -9,9 +9,10 @@
     method (dla_fused's IDAUp and the CenterNet-style summing IDAUp). Its `project_up` is replaced
     by the fused IDA-Up step; a 1x1 conv-BN-ReLU projection is fused too, any other projection
     (3x3, deformable) runs as it is and only the upsample + skip is fused.
-  * in any other model, aggregation chains in a torch.fx trace: cat -> 1x1 Conv2d -> BatchNorm2d
-    [-> + first input] -> ReLU; the forward of the module holding the chain runs the traced graph
-    with the chain replaced by an `AggregationNode` (see `dla_fused.graph_fuse`).
+  * in any other model, aggregation chains and IDA-Up steps in a torch.fx trace: cat -> 1x1
+    Conv2d -> BatchNorm2d [-> + first input] [-> ReLU, LeakyReLU or SiLU], and depthwise
+    ConvTranspose2d upsamplings with their projection and skip; the forward of the module holding
+    them runs the traced graph with each replaced by a fused module (see `dla_fused.graph_fuse`).
   * for CPU inference (see `dla_fused.prepack`): nn.Sequential runs of Conv2d [BatchNorm2d]
     [ReLU], dla_fused's BasicBlock / Bottleneck, and the two fused modules above run, in eval mode
     with autograd off, as prepacked oneDNN convolutions with BN folded in.
@@ -116,7 +117,8 @@ def fuse(model: nn.Module, prepack_inference: bool = True, report: bool = False)
 
     Aggregation nodes are found by structure (DLA's Root in this package's, the original
     release's and timm's layouts) and, in any other model, in a torch.fx trace: the chain
-    cat -> 1x1 Conv2d -> BatchNorm2d [-> + first input] -> ReLU (see dla_fused.graph_fuse)."""
+    cat -> 1x1 Conv2d -> BatchNorm2d [-> + first input] [-> ReLU, LeakyReLU or SiLU] (see
+    dla_fused.graph_fuse)."""
     if not isinstance(prepack_inference, bool):
         raise ValueError(f"prepack_inference must be True or False, got {prepack_inference!r}")
     if not isinstance(report, bool):

@@ -1,17 +1,22 @@
-"""Aggregation nodes found in a traced graph, for networks other than DLA.
+"""Aggregation nodes and IDA-Up steps found in a traced graph, for networks other than DLA.
 
 `fuse` (dla_fused.fuse) calls `fuse_graphs(model)` after its structural pass. It traces the model
 with torch.fx (timm's not-traceable modules and functions stay opaque, as timm's own FX helpers
 do), looks for
 
-    torch.cat([x0, x1, ...], dim=1) -> Conv2d 1x1 -> BatchNorm2d [-> + x0] -> activation
+    torch.cat([x0, x1, ...], dim=1) -> Conv2d 1x1 -> BatchNorm2d [-> + x0] [-> activation]
 
 where the Conv2d is bias-free, stride 1, unpadded and ungrouped, the BatchNorm2d is affine (or is
-timm's BatchNormAct2d, whose activation then counts), and no intermediate value has another user,
-and replaces each such chain by one fused `AggregationNode` sharing the conv's and BatchNorm's
-parameters. Only the forward of the smallest module that holds the whole chain (its "owner") is
-replaced, by the traced graph with the chain swapped out; the owner's parameters and the model's
-state_dict are untouched, and `unfuse` restores the original forward.
+timm's BatchNormAct2d, whose activation then counts), the activation ReLU, LeakyReLU (slope >= 0)
+or SiLU, and each intermediate value has no other user, and replaces each such chain by one
+fused `AggregationNode` sharing the conv's and BatchNorm's parameters; and for
+
+    [Conv2d 1x1 -> BatchNorm2d -> ReLU ->] depthwise ConvTranspose2d (kernel 2f, stride f) [-> + skip]
+
+one fused IDA-Up step (`GraphIDAStep`). Only the forward of the smallest module that holds the
+whole chain (its "owner") is replaced, by the traced graph with the chain swapped out; the
+owner's parameters and the model's state_dict are untouched, and `unfuse` restores the original
+forward.
 
 A model that cannot be traced as a whole is searched module by module: each submodule that traces
 is handled alone, and the report says which modules could not be traced and why.
@@ -135,6 +140,7 @@ class _Match:
     chain: str
     reason: Optional[str] = None  # why it is not fused (None: fusable)
     locations: List[str] = field(default_factory=list)
+    activation: Tuple[str, float] = ("none", 0.0)  # (name, negative slope) for AggregationNode
 
 
 def _location(node: fx.Node) -> str:
@@ -166,6 +172,29 @@ def _module(root: nn.Module, node: fx.Node) -> Optional[nn.Module]:
         return None
 
 
+def _activation_of(root: nn.Module, node: fx.Node) -> Optional[Tuple[str, float, str]]:
+    """(activation name for AggregationNode, negative slope, description) when `node` applies a
+    supported activation to its first argument alone, else None."""
+    if node.op == "call_module":
+        module = _module(root, node)
+        if type(module) is nn.LeakyReLU and module.negative_slope >= 0 and len(node.args) == 1:
+            return "leaky_relu", float(module.negative_slope), f"LeakyReLU({module.negative_slope})"
+        if type(module) is nn.SiLU and len(node.args) == 1:
+            return "silu", 0.0, "SiLU"
+    if node.op == "call_function" and node.target is F.leaky_relu:
+        slope = node.args[1] if len(node.args) > 1 else node.kwargs.get("negative_slope", 0.01)
+        extra = set(node.kwargs) - {"negative_slope", "inplace"}
+        if isinstance(slope, (int, float)) and slope >= 0 and not extra and len(node.args) <= 3:
+            return "leaky_relu", float(slope), f"leaky_relu({slope})"
+    if node.op == "call_function" and node.target is F.silu and len(node.args) == 1 and \
+            set(node.kwargs) <= {"inplace"}:
+        return "silu", 0.0, "silu"
+    name = _relu_like(root, node)
+    if name is not None and (len(node.args) == 1 or node.op == "call_function"):
+        return "relu", 0.0, name
+    return None
+
+
 def _relu_like(root: nn.Module, node: fx.Node) -> Optional[str]:
     """A description of node's activation when it is a ReLU of its first argument, else None."""
     if node.op == "call_module" and type(_module(root, node)) is nn.ReLU:
@@ -191,17 +220,27 @@ def _cat_dim(node: fx.Node):
     return node.kwargs.get("dim", node.kwargs.get("axis", 0))
 
 
-def _batch_norm_act(bn: nn.Module) -> Tuple[bool, Optional[str], Optional[str]]:
-    """(is timm's BatchNormAct2d, the activation it applies as a name or None, why it cannot be
-    fused or None)."""
+SUPPORTED = "ReLU, LeakyReLU (slope >= 0), SiLU or none"
+
+
+def _batch_norm_act(bn: nn.Module) -> Tuple[bool, Optional[Tuple[str, float, str]], Optional[str]]:
+    """(is timm's BatchNormAct2d, the activation it applies as _activation_of gives it, why it
+    cannot be fused or None)."""
     if type(bn).__name__ != "BatchNormAct2d" or not hasattr(bn, "act"):
         return False, None, None
     drop = getattr(bn, "drop", nn.Identity())
     if not isinstance(drop, nn.Identity):
         return True, None, f"BatchNormAct2d with dropout {type(drop).__name__} after its BatchNorm"
-    if type(bn.act) is nn.ReLU:
-        return True, "ReLU", None
-    return True, None, f"activation {type(bn.act).__name__} not supported (supported: ReLU)"
+    act = bn.act
+    if type(act) is nn.ReLU:
+        return True, ("relu", 0.0, "ReLU"), None
+    if type(act) is nn.LeakyReLU and act.negative_slope >= 0:
+        return True, ("leaky_relu", float(act.negative_slope), f"LeakyReLU({act.negative_slope})"), None
+    if type(act) is nn.SiLU:
+        return True, ("silu", 0.0, "SiLU"), None
+    if type(act) is nn.Identity:
+        return True, ("none", 0.0, "no activation"), None
+    return True, None, f"BatchNormAct2d's activation {type(act).__name__} not supported (supported: {SUPPORTED})"
 
 
 def _single_user(node: fx.Node) -> Optional[fx.Node]:
@@ -274,40 +313,32 @@ def find_matches(root: nn.Module, graph: fx.Graph) -> List[_Match]:
         if len(bn.args) != 1 or bn.kwargs:
             fail("the BatchNorm2d is called with extra arguments")
             continue
-        is_bn_act, act_name, why = _batch_norm_act(bn_mod)
+        is_bn_act, act, why = _batch_norm_act(bn_mod)
         if why:
             fail(why)
             continue
         if is_bn_act:
-            match.chain += f" ({act_name})"
+            match.activation = act[:2]
+            match.chain += f" ({act[2]})"
             continue
+        # then, each when the value before has no other user: + x0 (the residual), an activation;
+        # the chain ends where they stop (no activation: 'none', a later one runs unfused)
         node = _single_user(bn)
-        if node is None:
-            fail("the BatchNorm2d output has more than one user")
-            continue
-        if node.op == "call_function" and node.target in _ADD and len(node.args) == 2 and not node.kwargs:
-            other = node.args[1] if node.args[0] is bn else node.args[0]
-            if other is not match.children[0]:
-                fail("the BatchNorm2d output is added to something other than the first concatenated input")
-                continue
+        if (node is not None and node.op == "call_function" and node.target in _ADD and len(node.args) == 2
+                and not node.kwargs and match.children[0] in node.args
+                and (node.args[0] is bn) != (node.args[1] is bn)):
             match.residual = True
             match.chain += " -> + x0"
             match.erase.insert(0, node)
             match.end = node
             match.locations.append(_location(node))
-            add = node
-            node = _single_user(add)
-            if node is None:
-                fail("the residual sum has more than one user")
-                continue
-        act_name = _relu_like(root, node)
-        if act_name is None:
-            fail(f"activation {_describe(root, node)} not supported (supported: ReLU)")
+            node = _single_user(node)
+        act = None if node is None else _activation_of(root, node)
+        if act is None or node.args[0] is not match.end:
+            match.chain += " (no activation" + ("" if node is None else f"; {_describe(root, node)} runs unfused") + ")"
             continue
-        if node.args[0] is not match.end or (len(node.args) > 1 and node.op != "call_function"):
-            fail(f"the activation {_describe(root, node)} is called with extra arguments")
-            continue
-        match.chain += f" -> {act_name}"
+        match.activation = act[:2]
+        match.chain += f" -> {act[2]}"
         match.erase.insert(0, node)
         match.end = node
         match.locations.append(_location(node))
@@ -485,8 +516,9 @@ def _rewrite(owner: nn.Module, nodes: Dict[str, nn.Module]) -> Tuple[fx.GraphMod
     for m in matches:
         if m.reason is None:
             replace(m, "agg:" + m.conv_path, lambda m=m: AggregationNode.from_modules(
-                owner.get_submodule(m.conv_path), owner.get_submodule(m.bn_path), residual=m.residual),
-                tuple(m.children))
+                owner.get_submodule(m.conv_path), owner.get_submodule(m.bn_path), residual=m.residual,
+                activation=m.activation[0], negative_slope=m.activation[1] if m.activation[0] == "leaky_relu"
+                else 0.01), tuple(m.children))
     ida_matches = find_ida_matches(owner, graph)
     for m in ida_matches:
         if m.reason is None:

@@ -72,6 +72,29 @@ def _normalize(z, scale, shift):
 
 
 @triton.jit
+def _activate(y, slope, ACT: tl.constexpr):
+    """The node's activation (codes as dla_fused/ops/primitives.py): 0 none, 1 ReLU, 2 LeakyReLU
+    (negative slope `slope`), 3 SiLU."""
+    if ACT == 1:
+        y = tl.maximum(y, 0.0)
+    elif ACT == 2:
+        y = tl.where(y > 0, y, y * slope)
+    elif ACT == 3:
+        y = y / (1.0 + tl.exp(-y))
+    return y
+
+
+@triton.jit
+def _mask(g, out, slope, MASK: tl.constexpr):
+    """g masked by the activation's output: 0 none, 1 ReLU (0 where out <= 0), 2 LeakyReLU."""
+    if MASK == 1:
+        g = tl.where(out > 0, g, 0.0)
+    elif MASK == 2:
+        g = tl.where(out > 0, g, g * slope)
+    return g
+
+
+@triton.jit
 def _bn_affine(gamma, beta, mean, var, eps):
     """(scale, shift) of BatchNorm: gamma / sqrt(var + eps), beta - mean * scale."""
     scale = gamma.to(var.dtype) / tl.sqrt(var + eps)
@@ -84,9 +107,9 @@ def _bn_affine(gamma, beta, mean, var, eps):
 def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, scale_ptr, shift_ptr,
                  res_ptr, sr_n, sr_c, sr_p, gate_ptr, sg_n, sg_c, sg_p,
                  mean_part, m2_part, count_part, tiles_used, counters, n_counters, num_pixels, hw, c_out, c_in,
-                 children,
+                 slope, children,
                  HAS_SCALE: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_RESIDUAL: tl.constexpr,
-                 HAS_GATE: tl.constexpr, RELU: tl.constexpr, STATS: tl.constexpr, STORE: tl.constexpr,
+                 GATE: tl.constexpr, ACT: tl.constexpr, STATS: tl.constexpr, STORE: tl.constexpr,
                  CO_FIRST: tl.constexpr,
                  ACC: tl.constexpr, DOT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -94,7 +117,8 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, scale_ptr, shift_
     Tile: BLOCK_P pixels (flat over N*H*W) x BLOCK_CO output channels. One compile per number of
     children (the tuple's length). Epilogues: STATS (per-tile statistics; STORE False: nothing
     else is stored), HAS_SCALE (BatchNorm on the product rounded to out's dtype, as the forward
-    that stored z applied it) or HAS_SHIFT (a bias), the residual (gated), ReLU. CO_FIRST puts
+    that stored z applied it) or HAS_SHIFT (a bias), the residual (GATE: masked by the
+    activation output `gate`, as _mask), the activation ACT (_activate). CO_FIRST puts
     the output-channel blocks on grid axis 0, so that the programs reading the same pixel tile run
     one after another and the children are streamed from memory once, not once per output block."""
     if CO_FIRST:
@@ -137,12 +161,11 @@ def _conv_kernel(out_ptr, so_n, so_c, so_p, w_ptr, sw_o, sw_k, scale_ptr, shift_
         acc += tl.load(shift_ptr + co, mask=co_ok, other=0.0)[None, :]
     if HAS_RESIDUAL:
         residual = tl.load(res_ptr + offsets(n, p, co, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(ACC)
-        if HAS_GATE:
+        if GATE != 0:
             gate = tl.load(gate_ptr + offsets(n, p, co, sg_n, sg_c, sg_p), mask=mask, other=0.0)
-            residual = tl.where(gate > 0, residual, 0.0)
+            residual = _mask(residual, gate, slope, GATE)
         acc += residual
-    if RELU:
-        acc = tl.maximum(acc, 0.0)
+    acc = _activate(acc, slope, ACT)
     if STORE:
         tl.store(out_ptr + offsets(n, p, co, so_n, so_c, so_p), round_to(acc, out_ptr.dtype.element_ty), mask=mask)
 
@@ -262,10 +285,11 @@ def _finalize_grid(c_out: int, tiles: int, device):
     return blocks, chunks, per, block_t, block_c
 
 
-def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, stats=False, affine=None,
-          zero=None, scale=None, store=True, running=None):
+def _gemm(out, xs, weight, shift=None, residual=None, gate=None, act=0, stats=False, affine=None,
+          zero=None, scale=None, store=True, running=None, slope=0.0):
     """out = epilogue(sum_i weight[:, off_i:off_i + C_i] x_i); weight is 2-D (C_out, sum C_i), any
-    strides. Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors;
+    strides. `act`: the activation (_activate's codes, `slope` LeakyReLU's); `gate`: the residual
+    masked by it (slope 0: ReLU's mask). Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors;
     with `affine` = (gamma, beta, eps) also BatchNorm's (scale, shift) for those statistics, and
     with `running` = (running_mean, running_var, num_batches_tracked or None, momentum or None)
     the running statistics updated by the finalize. `scale` (with `shift`): BatchNorm of the
@@ -298,9 +322,10 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
     _conv_kernel[grid(*dims)](
         out_view, *out_strides, weight, *weight.stride(), scale if scale is not None else dummy,
         shift if shift is not None else dummy,
-        res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], children,
-        HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
-        HAS_GATE=gate is not None, RELU=relu, STATS=stats, STORE=store, CO_FIRST=co_first, ACC=TL_DTYPES[acc],
+        res, *res_strides, gate_t, *gate_strides, *parts, num_pixels, h * w, c_out, weight.shape[1], float(slope),
+        children, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
+        GATE=0 if gate is None else 1 if slope == 0 else 2, ACT=act, STATS=stats, STORE=store, CO_FIRST=co_first,
+        ACC=TL_DTYPES[acc],
         DOT=dot, PRECISION=precision)
     if out_view is not out:
         out.copy_(out_view)
@@ -325,10 +350,10 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, relu=False, sta
 
 
 def agg_conv(children: List[torch.Tensor], weight: torch.Tensor, shift: Optional[torch.Tensor],
-             residual: Optional[torch.Tensor], relu: bool, stats: bool):
+             residual: Optional[torch.Tensor], activate: bool, stats: bool, act: int = 1, slope: float = 0.0):
     first = children[0]
     out = empty_like_format((first.shape[0], weight.shape[0], first.shape[2], first.shape[3]), first)
-    mean, var = _gemm(out, children, weight, shift, residual, relu=relu, stats=stats)
+    mean, var = _gemm(out, children, weight, shift, residual, act=act if activate else 0, stats=stats, slope=slope)
     return out, mean, var
 
 
@@ -349,35 +374,45 @@ def agg_conv_affine(children: List[torch.Tensor], weight: torch.Tensor, bn_weigh
          restore_value=["z_ptr"])
 @triton.jit(do_not_specialize=["num_pixels"])
 def _apply_kernel(z_ptr, sz_n, sz_c, sz_p, out_ptr, so_n, so_c, so_p, scale_ptr, shift_ptr, res_ptr, sr_n, sr_c,
-                  sr_p, num_pixels, hw, channels, HAS_RESIDUAL: tl.constexpr,
+                  sr_p, num_pixels, hw, channels, slope, HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
-    """out = relu(z * scale + shift (+ residual)); out may be z (in place)."""
+    """out = act(z * scale + shift (+ residual)); out may be z (in place)."""
     n, p, q_ok, c, c_ok = tile(num_pixels, hw, channels, BLOCK_P, BLOCK_C)
     mask = q_ok[:, None] & c_ok[None, :]
+    y = _pre_activation(z_ptr, sz_n, sz_c, sz_p, res_ptr, sr_n, sr_c, sr_p, scale_ptr, shift_ptr, n, p, c, c_ok,
+                        mask, HAS_RESIDUAL)
+    tl.store(out_ptr + offsets(n, p, c, so_n, so_c, so_p), round_to(_activate(y, slope, ACT), out_ptr.dtype.element_ty),
+             mask=mask)
+
+
+@triton.jit
+def _pre_activation(z_ptr, sz_n, sz_c, sz_p, res_ptr, sr_n, sr_c, sr_p, scale_ptr, shift_ptr, n, p, c, c_ok, mask,
+                    HAS_RESIDUAL: tl.constexpr):
+    """y = z * scale + shift (+ residual) of a tile, in the vectors' dtype: what the activation takes."""
     scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
     shift = tl.load(shift_ptr + c, mask=c_ok, other=0.0)
     y = _normalize(tl.load(z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p), mask=mask, other=0.0), scale, shift)
     if HAS_RESIDUAL:
         y += tl.load(res_ptr + offsets(n, p, c, sr_n, sr_c, sr_p), mask=mask, other=0.0).to(scale.dtype)
-    tl.store(out_ptr + offsets(n, p, c, so_n, so_c, so_p), round_to(tl.maximum(y, 0.0), out_ptr.dtype.element_ty),
-             mask=mask)
+    return y
 
 
 @triton.jit
-def _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, dtype: tl.constexpr,
-                 HAS_OUT: tl.constexpr):
-    """g = grad_out * (out > 0) (grad_out when there is no out), in `dtype`."""
+def _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, slope, dtype: tl.constexpr,
+                 MASK: tl.constexpr):
+    """g = grad_out masked by the activation output (_mask; MASK 0: no out, grad_out itself), in
+    `dtype`."""
     g = tl.load(go_ptr + offsets(n, p, c, sg_n, sg_c, sg_p), mask=mask, other=0.0).to(dtype)
-    if HAS_OUT:
+    if MASK != 0:
         out = tl.load(out_ptr + offsets(n, p, c, so_n, so_c, so_p), mask=mask, other=0.0)
-        g = tl.where(out > 0, g, 0.0)
+        g = _mask(g, out, slope, MASK)
     return g
 
 
 @tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER)
 @triton.jit(do_not_specialize=["num_pixels", "chunk"])
 def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, z_ptr, sz_n, sz_c, sz_p,
-                   mean_ptr, num_pixels, hw, channels, chunk, HAS_OUT: tl.constexpr,
+                   mean_ptr, num_pixels, hw, channels, chunk, slope, MASK: tl.constexpr,
                    BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (s, j): sums of g and g * (z - mean) over pixels [s * chunk, (s + 1) * chunk) for
     channel block j, written to part[0, s] and part[1, s]."""
@@ -393,7 +428,8 @@ def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p
         q = q0 + tl.arange(0, BLOCK_P)
         mask = (q < end)[:, None] & c_ok[None, :]
         n, p = pixel_coords(q, hw)
-        g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, mean.dtype, HAS_OUT)
+        g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, slope, mean.dtype,
+                         MASK)
         z = tl.load(z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p), mask=mask, other=0.0)
         z = z.to(mean.dtype)
         sum_g += g
@@ -406,13 +442,13 @@ def _reduce_kernel(part_ptr, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p
          restore_value=["z_ptr"])
 @triton.jit(do_not_specialize=["num_pixels"])
 def _dz_kernel(z_ptr, sz_n, sz_c, sz_p, go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p,
-               scale_ptr, coef_ptr, bias_ptr, mean_ptr, num_pixels, hw, channels,
-               HAS_OUT: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
+               scale_ptr, coef_ptr, bias_ptr, mean_ptr, num_pixels, hw, channels, slope,
+               MASK: tl.constexpr, HAS_COEF: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_C: tl.constexpr):
     """z = scale * g (+ coef * (z - mean) + bias), in place."""
     n, p, q_ok, c, c_ok = tile(num_pixels, hw, channels, BLOCK_P, BLOCK_C)
     mask = q_ok[:, None] & c_ok[None, :]
     scale = tl.load(scale_ptr + c, mask=c_ok, other=0.0)
-    g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, scale.dtype, HAS_OUT)
+    g = _masked_grad(go_ptr, sg_n, sg_c, sg_p, out_ptr, so_n, so_c, so_p, n, p, c, mask, slope, scale.dtype, MASK)
     dz = g * scale[None, :]
     z_ptrs = z_ptr + offsets(n, p, c, sz_n, sz_c, sz_p)
     if HAS_COEF:
@@ -428,25 +464,31 @@ def _optional_view(t, fallback):
     return pixel_view(t) if t is not None else fallback
 
 
+def _mask_code(out, slope: float) -> int:
+    return 0 if out is None else 1 if slope == 0 else 2
+
+
 def _apply(z: torch.Tensor, out: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-           residual: Optional[torch.Tensor]) -> None:
+           residual: Optional[torch.Tensor], act: int = 1, slope: float = 0.0) -> None:
     n, c, h, w = z.shape
     zv, z_strides = pixel_view(z)
     ov, o_strides = (zv, z_strides) if out is z else pixel_view(out)
     res, res_strides = _optional_view(residual, (zv, z_strides))
     _apply_kernel[grid((n * h * w, "BLOCK_P"), (c, "BLOCK_C"))](
-        zv, *z_strides, ov, *o_strides, scale, shift, res, *res_strides, n * h * w, h * w, c,
-        HAS_RESIDUAL=residual is not None)
+        zv, *z_strides, ov, *o_strides, scale, shift, res, *res_strides, n * h * w, h * w, c, float(slope),
+        HAS_RESIDUAL=residual is not None, ACT=act)
     if ov is not out:
         out.copy_(ov)
 
 
-def agg_apply_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor]) -> None:
-    _apply(z, z, scale, shift, residual)
+def agg_apply_(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, residual: Optional[torch.Tensor],
+               act: int = 1, slope: float = 0.0) -> None:
+    _apply(z, z, scale, shift, residual, act, slope)
 
 
-def agg_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
-    part = _reduce_parts(grad_out, out, z, mean)
+def agg_backward_reduce(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+                        slope: float = 0.0):
+    part = _reduce_parts(grad_out, out, z, mean, slope)
     return part[0].sum(dim=0), part[1].sum(dim=0)
 
 
@@ -504,7 +546,8 @@ def bn_affine(bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor
     return out[0], out[1]
 
 
-def _reduce_parts(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor):
+def _reduce_parts(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.Tensor, mean: torch.Tensor,
+                  slope: float = 0.0):
     """The reduction launch: (2, splits, C) partial sums of g and g (z - mean)."""
     n, c, h, w = z.shape
     num_pixels = n * h * w
@@ -518,8 +561,8 @@ def _reduce_parts(grad_out: torch.Tensor, out: Optional[torch.Tensor], z: torch.
                                               max(1, 4 * num_sms(z.device) // triton.cdiv(c, 64))))
     part = z.new_empty((2, splits, c), dtype=mean.dtype)
     _reduce_kernel[grid(splits, (c, "BLOCK_C"))](
-        part, go, *go_strides, out_t, *out_strides, zv, *z_strides, mean, num_pixels, h * w, c, chunk,
-        HAS_OUT=out is not None)
+        part, go, *go_strides, out_t, *out_strides, zv, *z_strides, mean, num_pixels, h * w, c, chunk, float(slope),
+        MASK=_mask_code(out, slope))
     return part
 
 
@@ -543,7 +586,7 @@ def agg_backward_coefficients(grad_out: torch.Tensor, out: Optional[torch.Tensor
 
 def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,
                      z_coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                     mean: Optional[torch.Tensor]) -> None:
+                     mean: Optional[torch.Tensor], slope: float = 0.0) -> None:
     n, c, h, w = z.shape
     zv, z_strides = pixel_view(z)
     go, go_strides = pixel_view(grad_out)
@@ -551,26 +594,65 @@ def agg_backward_dz_(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torc
     has_coef = z_coef is not None
     _dz_kernel[grid((n * h * w, "BLOCK_P"), (c, "BLOCK_C"))](
         zv, *z_strides, go, *go_strides, out_t, *out_strides, scale, z_coef if has_coef else scale,
-        bias if has_coef else scale, mean if has_coef else scale, n * h * w, h * w, c,
-        HAS_OUT=out is not None, HAS_COEF=has_coef)
+        bias if has_coef else scale, mean if has_coef else scale, n * h * w, h * w, c, float(slope),
+        MASK=_mask_code(out, slope), HAS_COEF=has_coef)
     if zv is not z:
         z.copy_(zv)
 
 
 def agg_apply(z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
-              residual: Optional[torch.Tensor]) -> torch.Tensor:
+              residual: Optional[torch.Tensor], act: int = 1, slope: float = 0.0) -> torch.Tensor:
     """Out of place (the keep-z mode): one launch, z unchanged."""
     out = torch.empty_like(z)
-    _apply(z, out, scale, shift, residual)
+    _apply(z, out, scale, shift, residual, act, slope)
     return out
+
+
+@tunable(ELEMENTWISE_CONFIGS, key=["num_pixels", "channels", "sz_c"], interpreter=ELEMENTWISE_INTERPRETER)
+@triton.jit(do_not_specialize=["num_pixels"])
+def _activation_grad_kernel(go_ptr, sg_n, sg_c, sg_p, z_ptr, sz_n, sz_c, sz_p, res_ptr, sr_n, sr_c, sr_p,
+                            out_ptr, so_n, so_c, so_p, scale_ptr, shift_ptr, num_pixels, hw, channels, slope,
+                            HAS_RESIDUAL: tl.constexpr, ACT: tl.constexpr, BLOCK_P: tl.constexpr,
+                            BLOCK_C: tl.constexpr):
+    """out = grad_out * act'(y), y = z * scale + shift (+ residual) as _apply_kernel forms it."""
+    n, p, q_ok, c, c_ok = tile(num_pixels, hw, channels, BLOCK_P, BLOCK_C)
+    mask = q_ok[:, None] & c_ok[None, :]
+    y = _pre_activation(z_ptr, sz_n, sz_c, sz_p, res_ptr, sr_n, sr_c, sr_p, scale_ptr, shift_ptr, n, p, c, c_ok,
+                        mask, HAS_RESIDUAL)
+    g = tl.load(go_ptr + offsets(n, p, c, sg_n, sg_c, sg_p), mask=mask, other=0.0).to(y.dtype)
+    if ACT == 1:
+        g = tl.where(y > 0, g, 0.0)
+    elif ACT == 2:
+        g = tl.where(y > 0, g, g * slope)
+    elif ACT == 3:
+        s = 1.0 / (1.0 + tl.exp(-y))
+        g = g * (s * (1.0 + y * (1.0 - s)))
+    tl.store(out_ptr + offsets(n, p, c, so_n, so_c, so_p), round_to(g, out_ptr.dtype.element_ty), mask=mask)
+
+
+def agg_activation_grad(grad_out: torch.Tensor, z: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor,
+                        residual: Optional[torch.Tensor], act: int, slope: float) -> torch.Tensor:
+    """grad_out * act'(z * scale + shift (+ residual)), in grad_out's layout: one launch."""
+    n, c, h, w = grad_out.shape
+    result = torch.empty_like(grad_out)
+    go, go_strides = pixel_view(grad_out)
+    zv, z_strides = pixel_view(z)
+    ov, o_strides = pixel_view(result)
+    res, res_strides = _optional_view(residual, (zv, z_strides))
+    _activation_grad_kernel[grid((n * h * w, "BLOCK_P"), (c, "BLOCK_C"))](
+        go, *go_strides, zv, *z_strides, res, *res_strides, ov, *o_strides, scale, shift, n * h * w, h * w, c,
+        float(slope), HAS_RESIDUAL=residual is not None, ACT=act)
+    if ov is not result:
+        result.copy_(ov)
+    return result
 
 
 def agg_backward_dz(z: torch.Tensor, grad_out: torch.Tensor, out: Optional[torch.Tensor], scale: torch.Tensor,
                     z_coef: Optional[torch.Tensor], bias: Optional[torch.Tensor],
-                    mean: Optional[torch.Tensor]) -> torch.Tensor:
+                    mean: Optional[torch.Tensor], slope: float = 0.0) -> torch.Tensor:
     """Out of place, as agg_apply: a copy of z, then the in-place kernel."""
     result = z.clone()
-    agg_backward_dz_(result, grad_out, out, scale, z_coef, bias, mean)
+    agg_backward_dz_(result, grad_out, out, scale, z_coef, bias, mean, slope)
     return result
 
 
@@ -649,9 +731,10 @@ def _weight_grad_splits(num_pixels: int, c_out: int, children, dz) -> int:
 
 
 def agg_backward_gemm(dz: torch.Tensor, children: List[torch.Tensor], weight: torch.Tensor,
-                      grad_out: Optional[torch.Tensor], out: Optional[torch.Tensor]):
-    """(grad of each child, grad W in W's dtype): one dgrad GEMM launch per child (the residual
-    and its ReLU gate in the first one's epilogue), one weight-gradient launch for all children."""
+                      grad_out: Optional[torch.Tensor], out: Optional[torch.Tensor], slope: float = 0.0):
+    """(grad of each child, grad W in W's dtype): one dgrad GEMM launch per child (the residual,
+    masked by the activation output `out`, in the first one's epilogue), one weight-gradient
+    launch for all children."""
     acc = acc_dtype(dz.dtype)
     n, c_out, h, w = dz.shape
     num_pixels = n * h * w
@@ -672,7 +755,7 @@ def agg_backward_gemm(dz: torch.Tensor, children: List[torch.Tensor], weight: to
         grad = empty_like_format(child.shape, child)
         residual = grad_out if i == 0 else None
         _gemm(grad, [dzv], weight[:, start:start + c_i].t(), residual=residual,
-              gate=out if residual is not None else None, zero=counters if i == 0 else None)
+              gate=out if residual is not None else None, zero=counters if i == 0 else None, slope=slope)
         grads.append(grad)
         start += c_i
     if part is None:
@@ -929,7 +1012,7 @@ def agg_forward_train(children: List[torch.Tensor], weight: torch.Tensor, bn_wei
     mean, var, scale, shift = _gemm(shape_only, children, weight, stats=True, store=False,
                                     affine=(bn_weight, bn_bias, float(eps)), running=running)
     out = empty_like_format(shape, first)
-    _gemm(out, children, weight, shift=shift, residual=res, relu=True, scale=scale)
+    _gemm(out, children, weight, shift=shift, residual=res, act=1, scale=scale)
     return out, mean, var, None
 
 

@@ -125,6 +125,27 @@ def _calls(torch, aggregation, ida_up, dtype, channels_last, shape):
         ("agg_backward_gemm[no residual]",
          lambda: aggregation.agg_backward_gemm(out.clone(), two, two_weight, None, None)),
     ]
+    # the other activations: 0 none, 2 LeakyReLU (slope 0.1; its masks), 3 SiLU
+    for act_code, slope in ((0, 0.0), (2, 0.1), (3, 0.0)):
+        calls += [
+            (f"agg_conv[2 children, eval: shift, residual, act {act_code}]",
+             lambda a=act_code, s=slope: aggregation.agg_conv(two, two_weight, vec(c_out), out, True, False, a, s)),
+            (f"agg_apply_[residual, act {act_code}]",
+             lambda a=act_code, s=slope: aggregation.agg_apply_(out.clone(), vec(c_out), vec(c_out), out, a, s)),
+            (f"agg_apply[act {act_code}]",
+             lambda a=act_code, s=slope: aggregation.agg_apply(out, vec(c_out), vec(c_out), None, a, s)),
+        ]
+    calls += [
+        ("agg_activation_grad[residual, silu]", lambda: aggregation.agg_activation_grad(
+            out, out, vec(c_out), vec(c_out), out, 3, 0.0)),
+        ("agg_activation_grad[leaky_relu]", lambda: aggregation.agg_activation_grad(
+            out, out, vec(c_out), vec(c_out), None, 2, 0.1)),
+        ("agg_backward_reduce[leaky mask]", lambda: aggregation.agg_backward_reduce(out, out, out, vec(c_out), 0.1)),
+        ("agg_backward_dz_[leaky mask]", lambda: aggregation.agg_backward_dz_(
+            out.clone(), out, out, vec(c_out), vec(c_out), vec(c_out), vec(c_out), 0.1)),
+        ("agg_backward_gemm[2 children, leaky gate]", lambda: aggregation.agg_backward_gemm(
+            out.clone(), two, two_weight, out, out, 0.1)),
+    ]
     for factor in (2, 4):
         z = act(n, c_out, h, w)
         up = torch.randn(c_out, 1, 2 * factor, 2 * factor).to(dtype)

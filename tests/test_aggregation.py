@@ -33,11 +33,14 @@ def make_inputs(channels, out, dtype=torch.float32, size=(3, 5), batch=2, layout
     return children, params, buffers
 
 
-def run_both(children, params, buffers, training, residual, momentum=0.1, memory_efficient=None):
+def run_both(children, params, buffers, training, residual, momentum=0.1, memory_efficient=None,
+             activation="relu", negative_slope=0.01):
     """Fused and reference forward + backward from identical inputs; returns both results."""
     results = []
-    fused = functools.partial(aggregation_node, memory_efficient=memory_efficient)
-    for fn in (fused, aggregation_node_reference):
+    fused = functools.partial(aggregation_node, memory_efficient=memory_efficient, activation=activation,
+                              negative_slope=negative_slope)
+    reference = functools.partial(aggregation_node_reference, activation=activation, negative_slope=negative_slope)
+    for fn in (fused, reference):
         kids = [c.detach().clone().requires_grad_() for c in children]
         ps = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
         bufs = copy.deepcopy(buffers)
@@ -49,9 +52,10 @@ def run_both(children, params, buffers, training, residual, momentum=0.1, memory
     return results
 
 
-def check_against_reference(children, params, buffers, training, residual, momentum=0.1, memory_efficient=None):
+def check_against_reference(children, params, buffers, training, residual, momentum=0.1, memory_efficient=None,
+                            activation="relu", negative_slope=0.01):
     (out, grads, bufs), (ref, ref_grads, ref_bufs) = run_both(children, params, buffers, training, residual, momentum,
-                                                              memory_efficient)
+                                                              memory_efficient, activation, negative_slope)
     assert out.is_contiguous(memory_format=memory_format_of(children[0])), "output must take children[0]'s layout"
     assert_close(out, ref, "output")
     names = [f"grad children[{i}]" for i in range(len(children))] + ["grad weight", "grad gamma", "grad beta"]
@@ -125,7 +129,8 @@ def test_statistics_with_large_mean(backend_name):
 @pytest.mark.parametrize("training", [True, False])
 @pytest.mark.parametrize("residual", [False, True])
 @pytest.mark.parametrize("memory_efficient", [True, False])
-def test_gradcheck_float64(backend_name, training, residual, memory_efficient):
+@pytest.mark.parametrize("activation", ["relu"])
+def test_gradcheck_float64(backend_name, training, residual, memory_efficient, activation):
     use_backend(backend_name)
     children, params, buffers = make_inputs([3, 2, 3], 3, dtype=torch.float64, size=(3, 2))
     bn = {k: v.detach().double().requires_grad_() for k, v in params.items() if k != "weight"}
@@ -133,8 +138,71 @@ def test_gradcheck_float64(backend_name, training, residual, memory_efficient):
 
     def fn(a, b, c, w, gamma, beta):
         return aggregation_node([a, b, c], w, gamma, beta, rm.clone(), rv.clone(), None, training, 0.1, 1e-5,
-                                residual, memory_efficient=memory_efficient)
+                                residual, memory_efficient=memory_efficient, activation=activation,
+                                negative_slope=0.2)
     assert torch.autograd.gradcheck(fn, (*children, params["weight"], bn["bn_weight"], bn["bn_bias"]))
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("activation", ["leaky_relu", "silu", "none"])
+def test_gradcheck_float64_activations(backend_name, residual, activation):
+    """The other activations in training mode, z recomputed (the ReLU test above covers the
+    modes: they do not depend on the activation)."""
+    test_gradcheck_float64(backend_name, True, residual, True, activation)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("activation, negative_slope", [("leaky_relu", 0.01), ("leaky_relu", 0.3),
+                                                        ("leaky_relu", 0.0), ("silu", 0.01), ("none", 0.01)])
+@pytest.mark.parametrize("n_children", [1, 3])
+@pytest.mark.parametrize("residual", [False, True])
+@pytest.mark.parametrize("training", [True, False])
+@pytest.mark.parametrize("memory_efficient", [True, False])
+def test_activations(backend_name, activation, negative_slope, n_children, residual, training, memory_efficient):
+    """Every activation against the reference: output, every gradient, running statistics."""
+    use_backend(backend_name)
+    channels = [6, 3, 5][:n_children]
+    out_channels = 6 if residual else 4
+    children, params, buffers = make_inputs(channels, out_channels, dtype=torch.float64, size=(5, 3), seed=11)
+    check_against_reference(children, params, buffers, training, residual, memory_efficient=memory_efficient,
+                            activation=activation, negative_slope=negative_slope)
+
+
+@pytest.mark.parametrize("backend_name", CPU_BACKENDS)
+@pytest.mark.parametrize("activation", ["leaky_relu", "silu", "none"])
+def test_activation_module_and_layouts(backend_name, activation):
+    """AggregationNode(activation=...) on mixed layouts, fused (kernel 1) and unfused (kernel 3),
+    against the reference composition of its own conv and bn."""
+    use_backend(backend_name)
+    for kernel_size in (1, 3):
+        torch.manual_seed(3)
+        node = AggregationNode([5, 4], 5, kernel_size, residual=True, activation=activation,
+                               negative_slope=0.1).double()
+        assert activation in repr(node)
+        ref = copy.deepcopy(node)
+        layout = (torch.channels_last, torch.contiguous_format)
+        children, _, _ = make_inputs([5, 4], 5, dtype=torch.float64, size=(6, 7), layout=layout, seed=5)
+        out = node(*children)
+        y = ref.bn(ref.conv(torch.cat(children, 1))) + children[0]
+        expected = {"leaky_relu": lambda t: torch.nn.functional.leaky_relu(t, 0.1),
+                    "silu": torch.nn.functional.silu, "none": lambda t: t}[activation](y)
+        assert_close(out, expected, f"{activation}, kernel {kernel_size}")
+        assert_close(node.bn.running_var, ref.bn.running_var, "running_var")
+
+
+def test_activation_arguments_are_checked_before_any_change():
+    children, params, buffers = make_inputs([3, 2], 3)
+    before = buffers["running_mean"].clone()
+    for kwargs, text in [({"activation": "gelu"}, "activation must be one of"),
+                         ({"activation": "leaky_relu", "negative_slope": -0.1}, "negative_slope must be"),
+                         ({"activation": "leaky_relu", "negative_slope": float("nan")}, "negative_slope must be")]:
+        with pytest.raises(ValueError, match=text):
+            aggregation_node(children, *params.values(), buffers["running_mean"], buffers["running_var"],
+                             buffers["num_batches_tracked"], True, **kwargs)
+    assert torch.equal(buffers["running_mean"], before) and buffers["num_batches_tracked"].item() == 3
+    with pytest.raises(ValueError, match="activation must be one of"):
+        AggregationNode(5, 3, activation="tanh")
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
@@ -189,9 +257,11 @@ def test_opcheck(backend_name):
     children, params, buffers = make_inputs([4, 3], 4)
     for batch_stats in (True, False):
         for keep_z in (True, False):
-            torch.library.opcheck(torch.ops.dla_fused.aggregation_node.default,
-                                  (children, params["weight"], params["bn_weight"], params["bn_bias"],
-                                   buffers["running_mean"], buffers["running_var"], batch_stats, 1e-5, True, keep_z))
+            for act, slope in ((1, 0.0), (2, 0.2), (3, 0.0), (0, 0.0)):
+                torch.library.opcheck(torch.ops.dla_fused.aggregation_node.default,
+                                      (children, params["weight"], params["bn_weight"], params["bn_bias"],
+                                       buffers["running_mean"], buffers["running_var"], batch_stats, 1e-5, True,
+                                       keep_z, act, slope))
 
 
 def test_compile_fullgraph_as_first_call_of_a_process():

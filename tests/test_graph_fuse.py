@@ -34,7 +34,7 @@ def _compare(ref, fused, x, rel=1e-10, steps=1):
         outputs = []
         for model in (ref, fused):
             model.zero_grad(set_to_none=True)
-            out = model(x)
+            out = model(*x) if isinstance(x, tuple) else model(x)
             (out.square().mean() + out.mean()).backward()
             outputs.append(out)
         assert_close(outputs[1], outputs[0], "output", rel=rel)
@@ -64,6 +64,7 @@ class Node(nn.Module):
         self.bn = norm if norm is not None else nn.BatchNorm2d(out, affine=affine)
         self.residual, self.act = residual, act
         self.relu = nn.ReLU(inplace=True)
+        self.leaky, self.silu = nn.LeakyReLU(0.05, inplace=True), nn.SiLU()
 
     def forward(self, a, b):
         y = self.bn(self.conv(torch.cat([a, b], dim=1)))
@@ -75,7 +76,17 @@ class Node(nn.Module):
             return F.relu(y, inplace=True)
         if self.act == "method":
             return y.relu_()
-        return F.silu(y)
+        if self.act == "leaky":
+            return F.leaky_relu(y, 0.2)
+        if self.act == "nn.LeakyReLU":
+            return self.leaky(y)
+        if self.act == "silu":
+            return F.silu(y)
+        if self.act == "nn.SiLU":
+            return self.silu(y)
+        if self.act == "gelu":
+            return F.gelu(y)
+        return y
 
 
 class Net(nn.Module):
@@ -101,7 +112,11 @@ def _fresh(model, dtype=torch.float64):
     return model.to(dtype).train()
 
 
-@pytest.mark.parametrize("act", ["relu", "F.relu", "method"])
+ACTS = {"relu": "relu", "F.relu": "relu", "method": "relu", "leaky": "leaky_relu", "nn.LeakyReLU": "leaky_relu",
+        "silu": "silu", "nn.SiLU": "silu", "none": "none", "gelu": "none"}
+
+
+@pytest.mark.parametrize("act", list(ACTS))
 @pytest.mark.parametrize("residual", [False, True])
 def test_chain_in_a_forward_is_fused(act, residual):
     use_backend("cpu")
@@ -112,6 +127,11 @@ def test_chain_in_a_forward_is_fused(act, residual):
     assert entry.path == "node" and ("+ x0" in entry.detail) == residual
     (node,) = graph_fuse.graph_nodes(fused)
     assert node.residual == residual and node.conv is fused.node.conv and node.bn is fused.node.bn
+    assert node.activation == ACTS[act]
+    if act == "gelu":
+        assert "gelu runs unfused" in entry.detail
+    if act in ("leaky", "nn.LeakyReLU"):
+        assert node.negative_slope == (0.2 if act == "leaky" else 0.05)
     calls = _calls(fused)
     x = torch.randn(3, 3, 7, 9, dtype=torch.float64)
     _compare(ref, fused, x, steps=2)
@@ -120,7 +140,6 @@ def test_chain_in_a_forward_is_fused(act, residual):
 
 
 @pytest.mark.parametrize("case, reason", [
-    ({"act": "silu"}, "activation silu not supported"),
     ({"conv_kwargs": {"kernel_size": 1, "bias": True}}, "has a bias"),
     ({"conv_kwargs": {"kernel_size": 1, "bias": False, "stride": 2}}, "not a plain 1x1"),
     ({"conv_kwargs": {"kernel_size": 1, "bias": False, "groups": 2}, "chans": (4, 4), "out": 4},
@@ -168,8 +187,6 @@ class ChannelsLastDim(SharedCat):
 
 @pytest.mark.parametrize("cls, reason", [
     (SharedCat, "concatenation has another user"),
-    (SharedBn, "BatchNorm2d output has more than one user"),
-    (OtherResidual, "other than the first concatenated input"),
     (ChannelsLastDim, "not the channels"),
 ])
 def test_chains_with_other_users_are_left_alone(cls, reason):
@@ -180,11 +197,50 @@ def test_chains_with_other_users_are_left_alone(cls, reason):
     assert "forward" not in model.__dict__
 
 
+@pytest.mark.parametrize("cls", [SharedBn, OtherResidual])
+def test_chain_ends_where_values_have_other_users(cls):
+    """BatchNorm's output used twice, or added to something else: fused up to the BatchNorm (no
+    activation); the rest runs as written, on the fused output."""
+    use_backend("cpu")
+    ref = _fresh(cls())
+    fused, report = dla_fused.fuse(copy.deepcopy(ref), report=True)
+    (entry,) = report
+    assert entry.fused and "no activation" in entry.detail, str(report)
+    (node,) = graph_fuse.graph_nodes(fused)
+    assert node.activation == "none" and not node.residual
+    a, b = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    outs = [m(a, b) for m in (ref, fused)]
+    outs = [o if isinstance(o, tuple) else (o,) for o in outs]
+    for x, y in zip(*outs):
+        assert_close(y, x, "output")
+    sum(o.square().sum() for o in outs[0]).backward(), sum(o.square().sum() for o in outs[1]).backward()
+    assert_close(fused.conv.weight.grad, ref.conv.weight.grad, "grad")
+
+
+def test_in_place_op_after_a_node_without_activation():
+    """The fused output is not saved for backward when no mask needs it: an in-place activation
+    the node does not take (here Hardswish) may run on it."""
+    use_backend("cpu")
+
+    class Hard(SharedCat):
+        def __init__(self):
+            super().__init__()
+            self.act = nn.Hardswish(inplace=True)
+
+        def forward(self, a, b):
+            return self.act(self.bn(self.conv(torch.cat([a, b], 1))))
+
+    ref = _fresh(Hard())
+    fused = dla_fused.fuse(copy.deepcopy(ref))
+    a, b = torch.randn(2, 3, 4, 5, dtype=torch.float64), torch.randn(2, 3, 4, 5, dtype=torch.float64)
+    _compare(ref, fused, (a, b))
+
+
 def test_timm_bn_act_with_another_activation_is_reported():
     from timm.layers import BatchNormAct2d
-    model = Net(norm=BatchNormAct2d(5, act_layer=nn.SiLU))
+    model = Net(norm=BatchNormAct2d(5, act_layer=nn.GELU))
     _, report = dla_fused.fuse(model, report=True)
-    assert "activation SiLU not supported" in report[0].detail
+    assert "activation GELU not supported" in report[0].detail
     model = Net(norm=BatchNormAct2d(5, act_layer=nn.ReLU, drop_layer=nn.Dropout))
     _, report = dla_fused.fuse(model, report=True)
     assert "dropout" in report[0].detail
@@ -279,7 +335,8 @@ def test_dla_models_keep_their_structural_path():
 TIMM = {  # name: chains fused, chains left (and why)
     "hgnetv2_b0": (5, 1),  # the stem's cat feeds a 3x3 stride-2 conv
     "ese_vovnet19b_dw": (4, 0),
-    "cspdarknet53": (0, 5),  # LeakyReLU: not supported yet
+    "cspdarknet53": (5, 0),  # LeakyReLU(0.01)
+    "cs3darknet_s": (4, 0),  # SiLU
 }
 
 
@@ -300,7 +357,7 @@ def test_timm_network_float64(name):
         assert_close(fused(x), ref(x), "eval output")
 
 
-@pytest.mark.parametrize("name", ["hgnetv2_b0", "ese_vovnet19b_dw"])
+@pytest.mark.parametrize("name", ["hgnetv2_b0", "ese_vovnet19b_dw", "cspdarknet53", "cs3darknet_s"])
 def test_timm_network_float32_within_rule(name):
     use_backend("cpu")
     torch.manual_seed(1)

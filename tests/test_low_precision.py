@@ -99,6 +99,21 @@ def test_aggregation_node(device, dtype, channels_last, training, residual):
     _assert_results_within_rule(*(_named_grads(r, len(children)) for r in (fused, truth, same)))
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["leaky_relu", "silu", "none"])
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_aggregation_node_activations(device, dtype, activation, training):
+    """The other activations, channels_last with a residual, by the same rule."""
+    children, params, buffers = agg.make_inputs(**AGG_SHAPE[device], layout=(torch.channels_last,), device=device)
+    low = [c.detach().to(dtype) for c in children]
+    low_params = dict(params, weight=params["weight"].detach().to(dtype))
+    kwargs = dict(activation=activation, negative_slope=0.1)
+    fused, same = agg.run_both(low, low_params, buffers, training, True, **kwargs)
+    _, truth = agg.run_both([_wide(c) for c in children], {k: _wide(v) for k, v in params.items()},
+                            {k: _wide(v) for k, v in buffers.items()}, training, True, **kwargs)
+    _assert_results_within_rule(*(_named_grads(r, len(children)) for r in (fused, truth, same)))
+
+
 def test_aggregation_float64_and_gradcheck(device):
     children, params, buffers = agg.make_inputs([5, 3, 4], 5, dtype=torch.float64, size=(3, 3), device=device)
     agg.check_against_reference(children, params, buffers, True, True)

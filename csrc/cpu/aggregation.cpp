@@ -16,6 +16,7 @@ TORCH_LIBRARY_IMPL(dla_fused, CPU, m) {
   m.impl("agg_backward_dz_", &CpuAggregation::backward_dz_);
   m.impl("agg_backward_dz", &CpuAggregation::backward_dz);
   m.impl("agg_backward_gemm", &CpuAggregation::backward_gemm);
+  m.impl("agg_activation_grad", &CpuAggregation::activation_grad);
 }
 
 }  // namespace dla_fused

@@ -16,6 +16,7 @@ TORCH_LIBRARY_IMPL(dla_fused, CUDA, m) {
   m.impl("agg_backward_dz_", &CudaAggregation::backward_dz_);
   m.impl("agg_backward_dz", &CudaAggregation::backward_dz);
   m.impl("agg_backward_gemm", &CudaAggregation::backward_gemm);
+  m.impl("agg_activation_grad", &CudaAggregation::activation_grad);
 }
 
 }  // namespace dla_fused

@@ -9,6 +9,8 @@ from typing import List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .primitives import IDENTITY, LEAKY_RELU, RELU
+
 
 def no_autocast(like: Tensor):
     """The kernels choose their own precision (float32 accumulation, statistics in float32): run
@@ -88,7 +90,8 @@ def recompute_product(P, children: List[Tensor], weight2d: Tensor) -> Tensor:
 def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor], weight2d: Tensor,
              bn_weight: Tensor, mean: Tensor, var: Tensor, eps: float, batch_stats: bool,
              residual: bool, group=None, count: Optional[int] = None, bn_grads: bool = True,
-             z: Optional[Tensor] = None, z_kept: bool = False, bn_bias: Optional[Tensor] = None
+             z: Optional[Tensor] = None, z_kept: bool = False, bn_bias: Optional[Tensor] = None,
+             act: int = RELU, slope: float = 0.0
              ) -> Tuple[List[Tensor], Tensor, Optional[Tensor], Optional[Tensor]]:
     """Gradients of y = relu(bn(W x) (+ x_0)) given dL/dy = `grad`, with the ReLU mask taken from
     `mask_src > 0` (None: `grad` is already masked). Recomputes z = W x from the children into a
@@ -99,30 +102,42 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
     grad beta); the last two are None when neither batch statistics nor `bn_grads` ask for them.
     A backend with `agg_backward_fused` (Triton) takes the whole backward with batch statistics
     (needs `bn_bias`: the ReLU mask is recomputed from z as the forward formed the output, which
-    is then not read; its forward must have been `agg_forward_train`)."""
+    is then not read; its forward must have been `agg_forward_train`).
+
+    `act` (primitives.RELU, ...) is the activation: ReLU and LeakyReLU (negative slope `slope`)
+    take their mask from `mask_src`; with no activation the gradient is not masked; SiLU's
+    gradient is formed first from z and BatchNorm's affine (needs `bn_bias`), then the rest runs
+    as without an activation."""
     fused = getattr(P, "agg_backward_fused", None)
-    if fused is not None and batch_stats and group is None and bn_bias is not None:
+    if act == RELU and fused is not None and batch_stats and group is None and bn_bias is not None:
         return tuple(fused(grad, children, weight2d, bn_weight, bn_bias, mean, var, eps, residual,
                            z if z_kept else None))
+    if act not in (RELU, LEAKY_RELU):
+        if act != IDENTITY:  # the activation's derivative needs its input: z -> BatchNorm (+ x_0)
+            if z is None:
+                z = recompute_product(P, children, weight2d)
+            scale, shift = affine(bn_weight, bn_bias, mean, var, eps)
+            grad = P.agg_activation_grad(grad, z, scale, shift, children[0] if residual else None, act, slope)
+        mask_src, slope = None, 0.0
     need_z = batch_stats or bn_grads
     kept = z is not None and z_kept
     count = pixel_count(children[0]) if count is None else count
     fused = getattr(P, "agg_backward_coefficients", None)
-    if fused is not None and need_z and group is None:
+    if fused is not None and need_z and group is None and slope == 0:
         # the backend's reduction emits every per-channel vector (Triton: two launches)
         if z is None:
             z = recompute_product(P, children, weight2d)
         grad_gamma, grad_beta, scale, z_coef, bias = fused(grad, mask_src, z, mean, var, bn_weight, eps, count,
                                                            batch_stats)
         coefs = (z_coef, bias, mean) if batch_stats else (None, None, None)
-        return _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept) + (
+        return _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept, slope) + (
             grad_gamma, grad_beta)
     invstd = torch.rsqrt(var + eps)
     scale = bn_weight.to(mean.dtype) * invstd
     if need_z:
         if z is None:
             z = recompute_product(P, children, weight2d)
-        sum_g, sum_gz = P.agg_backward_reduce(grad, mask_src, z, mean)
+        sum_g, sum_gz = P.agg_backward_reduce(grad, mask_src, z, mean, slope)
         # gamma and beta get this rank's sums (DistributedDataParallel averages parameter
         # gradients); the input gradient needs the sums over all ranks, like nn.SyncBatchNorm.
         grad_gamma, grad_beta = sum_gz * invstd, sum_g
@@ -135,21 +150,21 @@ def backward(P, grad: Tensor, mask_src: Optional[Tensor], children: List[Tensor]
         coefs = (-scale * invstd * invstd * sum_gz / count, -scale * sum_g / count, mean)
     else:
         coefs = (None, None, None)
-    grads = _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept)
+    grads = _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept, slope)
     if not need_z:
         return grads + (None, None)
     return grads + (grad_gamma, grad_beta)
 
 
-def _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept):
+def _backward_gemms(P, grad, mask_src, children, weight2d, scale, coefs, residual, z, kept, slope):
     """dz (into z's buffer unless z was kept), then (grad children, grad W)."""
     if kept:
-        dz = P.agg_backward_dz(z, grad, mask_src, scale, *coefs)
+        dz = P.agg_backward_dz(z, grad, mask_src, scale, *coefs, slope)
     else:
         dz = torch.empty_like(grad) if z is None else z
-        P.agg_backward_dz_(dz, grad, mask_src, scale, *coefs)
+        P.agg_backward_dz_(dz, grad, mask_src, scale, *coefs, slope)
     residual_grad = (grad, mask_src) if residual else (None, None)
-    grad_children, grad_weight = P.agg_backward_gemm(dz, children, weight2d, *residual_grad)
+    grad_children, grad_weight = P.agg_backward_gemm(dz, children, weight2d, *residual_grad, slope)
     return grad_children, grad_weight
 
 

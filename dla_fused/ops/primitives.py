@@ -40,13 +40,32 @@ def _as_result(value: Tensor, like: Tensor) -> Tensor:
     return value.to(like.dtype).contiguous(memory_format=memory_format_of(like))
 
 
-def _masked_grad(grad_out: Tensor, out: Optional[Tensor], acc: torch.dtype) -> Tensor:
+# Activation codes of the aggregation node's primitives (csrc/ops.cpp): `slope` is LeakyReLU's
+# negative slope (>= 0).
+IDENTITY, RELU, LEAKY_RELU, SILU = 0, 1, 2, 3
+
+
+def activate(y: Tensor, act: int, slope: float) -> Tensor:
+    if act == RELU:
+        return torch.relu(y)
+    if act == LEAKY_RELU:
+        return F.leaky_relu(y, slope)
+    if act == SILU:
+        return F.silu(y)
+    return y
+
+
+def _masked_grad(grad_out: Tensor, out: Optional[Tensor], acc: torch.dtype, slope: float = 0.0) -> Tensor:
+    """grad_out where out > 0, slope * grad_out elsewhere (grad_out itself when out is None)."""
     g = grad_out.to(acc)
-    return g if out is None else g * (out > 0)
+    if out is None:
+        return g
+    return g * (out > 0) if slope == 0 else torch.where(out > 0, g, g * slope)
 
 
 def agg_conv(children: List[Tensor], weight: Tensor, shift: Optional[Tensor],
-             residual: Optional[Tensor], relu: bool, stats: bool) -> Tuple[Tensor, Tensor, Tensor]:
+             residual: Optional[Tensor], activate_: bool, stats: bool, act: int = RELU,
+             slope: float = 0.0) -> Tuple[Tensor, Tensor, Tensor]:
     acc = acc_dtype(children[0].dtype)
     x = torch.cat([c.to(acc) for c in children], dim=1)
     z = F.conv2d(x, weight.to(acc)[:, :, None, None])
@@ -59,49 +78,67 @@ def agg_conv(children: List[Tensor], weight: Tensor, shift: Optional[Tensor],
         z = z + _vec(shift)
     if residual is not None:
         z = z + residual.to(acc)
-    if relu:
-        z = torch.relu(z)
+    if activate_:
+        z = activate(z, act, slope)
     return _as_result(z, children[0]), mean, var
 
 
-def agg_apply_(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]) -> None:
+def _normalized(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]) -> Tensor:
     y = z.to(scale.dtype) * _vec(scale) + _vec(shift)
-    if residual is not None:
-        y = y + residual.to(scale.dtype)
-    z.copy_(torch.relu(y))
+    return y if residual is None else y + residual.to(scale.dtype)
 
 
-def agg_apply(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor]) -> Tensor:
-    y = z.to(scale.dtype) * _vec(scale) + _vec(shift)
-    if residual is not None:
-        y = y + residual.to(scale.dtype)
-    return _as_result(torch.relu(y), z)
+def agg_apply_(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: int = RELU,
+               slope: float = 0.0) -> None:
+    z.copy_(activate(_normalized(z, scale, shift, residual), act, slope))
+
+
+def agg_apply(z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor], act: int = RELU,
+              slope: float = 0.0) -> Tensor:
+    return _as_result(activate(_normalized(z, scale, shift, residual), act, slope), z)
+
+
+def agg_activation_grad(grad_out: Tensor, z: Tensor, scale: Tensor, shift: Tensor, residual: Optional[Tensor],
+                        act: int, slope: float) -> Tensor:
+    y = _normalized(z, scale, shift, residual)
+    g = grad_out.to(scale.dtype)
+    if act == RELU:
+        g = g * (y > 0)
+    elif act == LEAKY_RELU:
+        g = torch.where(y > 0, g, g * slope)
+    elif act == SILU:
+        s = torch.sigmoid(y)
+        g = g * (s * (1 + y * (1 - s)))
+    return _as_result(g, grad_out)
 
 
 def agg_backward_reduce(grad_out: Tensor, out: Optional[Tensor], z: Tensor,
-                        mean: Tensor) -> Tuple[Tensor, Tensor]:
-    g = _masked_grad(grad_out, out, mean.dtype)
+                        mean: Tensor, slope: float = 0.0) -> Tuple[Tensor, Tensor]:
+    g = _masked_grad(grad_out, out, mean.dtype, slope)
     return g.sum(dim=(0, 2, 3)), (g * (z.to(mean.dtype) - _vec(mean))).sum(dim=(0, 2, 3))
 
 
 def agg_backward_dz_(z: Tensor, grad_out: Tensor, out: Optional[Tensor], scale: Tensor,
-                     z_coef: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor]) -> None:
-    dz = _masked_grad(grad_out, out, scale.dtype) * _vec(scale)
+                     z_coef: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
+                     slope: float = 0.0) -> None:
+    dz = _masked_grad(grad_out, out, scale.dtype, slope) * _vec(scale)
     if z_coef is not None:
         dz = dz + _vec(z_coef) * (z.to(scale.dtype) - _vec(mean)) + _vec(bias)
     z.copy_(dz)
 
 
 def agg_backward_dz(z: Tensor, grad_out: Tensor, out: Optional[Tensor], scale: Tensor,
-                    z_coef: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor]) -> Tensor:
+                    z_coef: Optional[Tensor], bias: Optional[Tensor], mean: Optional[Tensor],
+                    slope: float = 0.0) -> Tensor:
     dz = torch.empty_like(z)
     dz.copy_(z)
-    agg_backward_dz_(dz, grad_out, out, scale, z_coef, bias, mean)
+    agg_backward_dz_(dz, grad_out, out, scale, z_coef, bias, mean, slope)
     return dz
 
 
 def agg_backward_gemm(dz: Tensor, children: List[Tensor], weight: Tensor,
-                      grad_out: Optional[Tensor], out: Optional[Tensor]) -> Tuple[List[Tensor], Tensor]:
+                      grad_out: Optional[Tensor], out: Optional[Tensor],
+                      slope: float = 0.0) -> Tuple[List[Tensor], Tensor]:
     acc = acc_dtype(dz.dtype)
     d = dz.to(acc)
     grads, weight_grads, start = [], [], 0
@@ -110,7 +147,7 @@ def agg_backward_gemm(dz: Tensor, children: List[Tensor], weight: Tensor,
         start += child.shape[1]
         grad = torch.einsum("oc,nohw->nchw", w, d)
         if i == 0 and grad_out is not None:
-            grad = grad + _masked_grad(grad_out, out, acc)
+            grad = grad + _masked_grad(grad_out, out, acc, slope)
         grads.append(_as_result(grad, child))
         weight_grads.append(torch.einsum("nohw,nchw->oc", d, child.to(acc)))
     return grads, torch.cat(weight_grads, dim=1).to(weight.dtype)
