@@ -111,8 +111,9 @@ def test_training_step_untuned(benchmark, name, batch, size):
 
 
 # Networks other than DLA whose aggregation chains fuse() finds in a trace (dla_fused.graph_fuse):
-# timm's HGNetV2-B0 (the RT-DETR backbone) and VoVNet-19 (ESE, depthwise), at the CPU model sizes.
-OTHER_NETWORKS = ["hgnetv2_b0", "ese_vovnet19b_dw"]
+# timm's HGNetV2-B0 (the RT-DETR backbone, ReLU), VoVNet-19 (ESE, depthwise, ReLU), CSPDarkNet-53
+# (LeakyReLU) and CS3DarkNet-S (SiLU), at the CPU model sizes.
+OTHER_NETWORKS = ["hgnetv2_b0", "ese_vovnet19b_dw", "cspdarknet53", "cs3darknet_s"]
 
 
 def _timm_step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MODEL_IMAGE, bu.MODEL_IMAGE)):
