@@ -278,15 +278,16 @@ def test_compile_fullgraph_as_first_call_of_a_process():
     assert done.stdout.strip().endswith("(2, 4, 4, 4)")
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("activations", [("relu", "relu"), ("leaky_relu", "silu"), ("none", "relu")])
+def test_compile_fullgraph_matches_eager(activations):
     """torch.compile(fullgraph=True) over a module of fused roots: no graph breaks, same numbers."""
     use_backend("cpu")
 
     class TwoRoots(torch.nn.Module):
         def __init__(self):
             super().__init__()
-            self.a = AggregationNode(12, 6, residual=True)
-            self.b = AggregationNode(12, 5)
+            self.a = AggregationNode(12, 6, residual=True, activation=activations[0], negative_slope=0.2)
+            self.b = AggregationNode(12, 5, activation=activations[1])
 
         def forward(self, x, y):
             h = self.a(x, y)
