@@ -467,6 +467,17 @@ class AggregationNode(nn.Module):
                                 bn.eps, self.residual, self.process_group,
                                 getattr(self, "memory_efficient", None), activation, slope)
 
+    def _prepacked(self, children: Sequence[Tensor]) -> Optional[Tensor]:
+        """Eval forward as one prepacked oneDNN convolution (see dla_fused.prepack), or None when
+        the backend serving this device is not `eager` or the input does not qualify."""
+        bn = self.bn
+        _validate(children, self.conv.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var,
+                  bn.num_batches_tracked, False, bn.momentum, bn.eps, self.residual)
+        if backend.resolve(children[0].device, "aggregation_node") != "eager":
+            return None
+        x = children[0] if len(children) == 1 else torch.cat(children, dim=1)
+        return prepack.conv_unit(self.conv, bn, x, True, children[0] if self.residual else None)
+
     def extra_repr(self) -> str:
         activation = getattr(self, "activation", "relu")
         if activation == "leaky_relu":
