@@ -34,7 +34,7 @@ _load_source_tree_kernels()
 
 from . import backend, models, nn, ops  # noqa: E402
 from .backend import backend_info, get_backend, set_backend  # noqa: E402
-from .checkpoint import CheckpointError, load_checkpoint  # noqa: E402
+from .checkpoint import CheckpointError, load_checkpoint, load_pretrained  # noqa: E402
 from .fuse import fuse, is_fused, set_memory_efficient, set_prepack, unfuse  # noqa: E402
 from .models import list_models, parameter_table  # noqa: E402
 
@@ -64,5 +64,5 @@ del _base
 
 __all__ = ["create_model", "list_models", "parameter_table", "fuse", "unfuse", "is_fused", "set_memory_efficient",
            "set_prepack", "set_backend",
-           "get_backend", "backend_info", "load_checkpoint", "CheckpointError", "models", "ops", "nn",
+           "get_backend", "backend_info", "load_checkpoint", "load_pretrained", "CheckpointError", "models", "ops", "nn",
            "backend"] + [cls.__name__ for cls in models.VARIANTS.values()]

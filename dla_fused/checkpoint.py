@@ -6,14 +6,15 @@ timm's (which lack only the never-used `project` modules of levels > 1 tree node
 """
 import os
 import pickle
-from typing import Dict, Iterable, Set
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Sequence, Set
 
 import torch
 from torch import nn
 
 from .models.dla import unused_projects
 
-__all__ = ["CheckpointError", "load_checkpoint", "read_state_dict"]
+__all__ = ["CheckpointError", "PretrainedReport", "load_checkpoint", "load_pretrained", "read_state_dict"]
 
 _LISTED = 10  # keys named in an error message before "... and N more"
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
@@ -98,3 +99,78 @@ def load_checkpoint(model: nn.Module, path, strict: bool = True) -> nn.Module:
                               f"{_listing(mismatched)}")
     model.load_state_dict({k: v for k, v in state_dict.items() if k in expected}, strict=False)
     return model
+
+
+@dataclass
+class PretrainedReport:
+    """What `load_pretrained` did with each tensor."""
+    kept: List[str] = field(default_factory=list)           # loaded from the file
+    reinitialised: List[str] = field(default_factory=list)  # head tensors whose shape differs (left as built)
+    not_in_file: List[str] = field(default_factory=list)    # model tensors the file lacks (left as built)
+    unused: List[str] = field(default_factory=list)         # file tensors the model has no place for
+    prefix: str = ""  # "base.": added to the file's keys; "-base.": only the file's base.* keys, prefix removed
+
+    def summary(self) -> str:
+        def modules(keys):  # tensors counted per top-level module
+            counts: Dict[str, int] = {}
+            for k in keys:
+                top = k.split(".")[0]
+                counts[top] = counts.get(top, 0) + 1
+            return _listing([f"{m} ({n})" for m, n in sorted(counts.items())])
+        where = {"": "", "base.": " (the file's keys under 'base.')",
+                 "-base.": " (the file's 'base.' keys, as the backbone)"}[self.prefix]
+        lines = [f"kept {len(self.kept)} tensors{where}"]
+        if self.reinitialised:
+            lines.append(f"re-initialised {len(self.reinitialised)} (shape differs): {_listing(self.reinitialised)}")
+        if self.not_in_file:
+            lines.append(f"initialised fresh {len(self.not_in_file)} (not in the file): {modules(self.not_in_file)}")
+        if self.unused:
+            lines.append(f"left out {len(self.unused)} of the file's tensors (no place in the model): "
+                         f"{modules(self.unused)}")
+        return "; ".join(lines)
+
+
+def load_pretrained(model: nn.Module, path, head: Sequence[str] = ()) -> PretrainedReport:
+    """Start `model` from the checkpoint at local file `path` for fine-tuning.
+
+    Every tensor of the file whose name and shape match the model is loaded. The modules named in
+    `head` (e.g. ("fc",)) may differ in shape (another number of classes): those tensors keep the
+    model's own initialisation. A shape mismatch anywhere else is an error (another variant);
+    tensors only the model has (a new decoder or head) keep their initialisation, tensors only
+    the file has (another task's heads) are left out. A backbone checkpoint (original release or
+    timm) loads into the `base` of a dense model. The report says which tensors went where.
+    Raises CheckpointError naming the file and what is wrong, before the model is changed.
+    """
+    state_dict = read_state_dict(path)
+    path = os.fspath(path)
+    expected = model.state_dict()
+    name = type(model).__name__
+    prefix = ""
+    if not set(state_dict) & set(expected):
+        if isinstance(getattr(model, "base", None), nn.Module) and {"base." + k for k in state_dict} & set(expected):
+            prefix = "base."  # a classifier's checkpoint for a dense model's backbone
+            state_dict = {prefix + k: v for k, v in state_dict.items()}
+        elif {k[len("base."):] for k in state_dict if k.startswith("base.")} & set(expected):
+            prefix = "-base."  # a dense model's checkpoint for a classifier: its backbone
+            state_dict = {k[len("base."):]: v for k, v in state_dict.items() if k.startswith("base.")}
+    common = [k for k in expected if k in state_dict]
+    if not common:
+        raise CheckpointError(f"{path!r} shares no tensor names with {name}: is it a checkpoint of another "
+                              f"network? (its keys: {_listing(list(state_dict))})")
+
+    def in_head(key):
+        return any(key == h or key.startswith(h + ".") for h in head)
+    mismatched = [k for k in common if state_dict[k].shape != expected[k].shape]
+    outside = [f"{k} (model {tuple(expected[k].shape)}, file {tuple(state_dict[k].shape)})"
+               for k in mismatched if not in_head(k)]
+    if outside:
+        raise CheckpointError(f"{path!r} does not fit {name}: {len(outside)} shape mismatches outside the head "
+                              f"({', '.join(head) or 'none'}): {_listing(outside)}; is it a checkpoint of "
+                              "another variant?")
+    optional = _optional_keys(model)
+    report = PretrainedReport(
+        kept=[k for k in common if k not in mismatched], reinitialised=mismatched,
+        not_in_file=[k for k in expected if k not in state_dict and k not in optional],
+        unused=[k for k in state_dict if k not in expected], prefix=prefix)
+    model.load_state_dict({k: state_dict[k] for k in report.kept}, strict=False)
+    return report
