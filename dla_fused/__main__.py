@@ -45,7 +45,7 @@ def demo(args) -> int:
     # CPU: 64 px images, 16 per batch, 100 steps: about 30 s per model on 2 cores
     steps = args.steps or (200 if gpu else 100)
     batch = 64 if gpu else 16
-    common = dict(model="dla34", task="cls", image_size=128 if gpu else 64, batch_size=batch,
+    common = dict(model="dla34", task="cls", num_classes=4, image_size=128 if gpu else 64, batch_size=batch,
                   num_samples=steps * batch, epochs=1, lr=0.05, seed=0, log_every=5,
                   amp="bf16" if gpu else None, channels_last=gpu, quiet=args.quiet)
     results = {}

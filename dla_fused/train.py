@@ -1,11 +1,14 @@
 """Training entry point: `python -m dla_fused train ...` (see `python -m dla_fused train --help`).
 
 Classification with any DLA variant, or segmentation (`--task seg`) with DLA-Up or the
-CenterNet-style net, on an image folder (`--data`, classification) or on the generated shapes
-dataset (default; no download). Mixed precision, channels_last, torch.compile, fused or reference
-ops, DistributedDataParallel under torchrun (nccl on GPU, gloo on CPU) with optional synchronised
+CenterNet-style net, on your own images (`--data`: a folder per class, or images/ and masks/ for
+segmentation; see dla_fused.folders) or on the generated shapes dataset (default; no download),
+from scratch or fine-tuned from a checkpoint (`--pretrained`: original release, timm, CenterNet or
+dla_fused). Mixed precision, channels_last, torch.compile, fused or reference ops,
+DistributedDataParallel under torchrun (nccl on GPU, gloo on CPU) with optional synchronised
 BatchNorm. Writes to --out: log.jsonl (one JSON object per logged step and per epoch), plot.png,
-and last.pt (a checkpoint after every epoch and on Ctrl-C; --resume continues exactly from it).
+last.pt (a checkpoint after every epoch and on Ctrl-C; --resume continues exactly from it) and,
+with a validation set, best.pt (the epoch with the best top-1 accuracy or mean IoU).
 """
 import argparse
 import copy
@@ -17,7 +20,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from typing import Optional
 
 import torch
@@ -27,8 +30,10 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from .checkpoint import CheckpointError
 from .data import ShapesDataset, mean_iou
+from .folders import ClassificationFolder, DataError, SegmentationFolder, split_folders
 
 CHECKPOINT_FORMAT = "dla_fused.train/1"
+METRIC_NAMES = {"cls": "top-1 accuracy", "seg": "mIoU"}
 SEG_MODELS = ("dla34up", "dla60up", "dla102up", "dla169up", "centernet_dla34", "centernet_dla34_dcn")
 
 
@@ -37,16 +42,21 @@ class TrainConfig:
     model: str = "dla34"
     task: str = "cls"
     data: Optional[str] = None
+    val_data: Optional[str] = None
+    pretrained: Optional[str] = None
+    augment: bool = True
+    ignore_index: int = 255
+    skip_bad_images: bool = False
     num_samples: int = 2048
     image_size: int = 64
-    num_classes: int = 4
+    num_classes: Optional[int] = None
     batch_size: int = 32
     epochs: int = 2
     steps_per_epoch: Optional[int] = None
     lr: float = 0.05
     lr_schedule: str = "cosine"
     weight_decay: float = 1e-4
-    workers: int = 0
+    workers: Optional[int] = None
     amp: Optional[str] = None
     channels_last: bool = False
     compile: bool = False
@@ -60,33 +70,61 @@ class TrainConfig:
     quiet: bool = False
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Defaults after each option's help, except for on/off flags and options without a value
+    (their help says what happens then)."""
+
+    def _get_help_string(self, action):
+        if action.nargs == 0 or action.default is None:
+            return action.help
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m dla_fused train", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+                                formatter_class=_HelpFormatter)
     d = TrainConfig()
     p.add_argument("--model", default=d.model, help="model name (dla_fused.list_models())")
     p.add_argument("--task", default=d.task, choices=["cls", "seg"])
-    p.add_argument("--data", default=d.data, help="image folder (class per subfolder) for cls; "
-                                                  "default: generated shapes")
+    p.add_argument("--data", default=d.data, help="your images: for cls a subfolder of images per class, "
+                   "for seg images/ and masks/ (single-channel PNG class indices, same names); either "
+                   "may be split into train/ and val/ inside --data; default: generated shapes")
+    p.add_argument("--val-data", default=d.val_data, help="validation folder laid out as --data's "
+                   "(default: --data's val/, if any)")
+    p.add_argument("--pretrained", default=d.pretrained, help="start from this local checkpoint (original "
+                   "release, timm, CenterNet or a dla_fused last.pt/best.pt); a classifier or head of "
+                   "another shape is re-initialised, and the log says which tensors were kept")
+    p.add_argument("--no-augment", dest="augment", action="store_false", help="no augmentation: resize and "
+                   "center crop only (default for folders: random resized crop and flip for cls, random "
+                   "scale 0.5-2, crop and flip of image and mask for seg)")
+    p.add_argument("--ignore-index", type=int, default=d.ignore_index, help="seg: mask value that counts for "
+                   "nothing in the loss and the mean IoU")
+    p.add_argument("--skip-bad-images", action="store_true", help="images that cannot be read are left out "
+                   "and counted (default: an error naming them, before training starts)")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="generated training images")
-    p.add_argument("--image-size", type=int, default=d.image_size, help="side in pixels (multiple of 32)")
-    p.add_argument("--num-classes", type=int, default=d.num_classes, help="generated shape classes (2-6)")
+    p.add_argument("--image-size", type=int, default=d.image_size, help="side in pixels (multiple of 32): "
+                   "the training crop for folders")
+    p.add_argument("--num-classes", type=int, default=d.num_classes, help="generated shapes: 2-6 (default 4); "
+                   "cls folders: the number of class folders; seg folders: the largest mask index + 1")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="per process")
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="cap on steps per epoch")
+    p.add_argument("--steps-per-epoch", type=int, default=d.steps_per_epoch, help="cap on steps per epoch "
+                   "(default: the whole training set)")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "step", "constant"])
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes")
-    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16"], help="mixed precision")
+    p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training "
+                   "process (default: for folders, one per CPU core up to 8; generated shapes: none)")
+    p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16"], help="mixed precision (default: float32)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--fused", dest="fused", action="store_true", default=True, help="fused ops (default)")
+    g.add_argument("--fused", dest="fused", action="store_true", default=d.fused, help="fused ops (default)")
     g.add_argument("--reference", dest="fused", action="store_false", help="plain PyTorch ops")
     p.add_argument("--sync-bn", action="store_true", help="BatchNorm statistics over all processes")
     p.add_argument("--out", default=d.out, help="output folder")
-    p.add_argument("--resume", default=d.resume, help="checkpoint to continue from ('auto': OUT/last.pt)")
+    p.add_argument("--resume", default=d.resume, help="checkpoint to continue from ('auto': OUT/last.pt); "
+                   "default: a fresh start")
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default=d.device, help="cpu, cuda, cuda:1 ... (default: cuda if present)")
     p.add_argument("--log-every", type=int, default=d.log_every, help="steps between log lines")
@@ -107,16 +145,21 @@ def _validate(cfg: TrainConfig) -> None:
         raise SystemExit(f"--task seg needs a dense model ({', '.join(SEG_MODELS)}), got {cfg.model!r}")
     if cfg.task == "cls" and cfg.model in SEG_MODELS:
         raise SystemExit(f"--model {cfg.model!r} is a dense model: use --task seg")
-    if cfg.task == "seg" and cfg.data is not None:
-        raise SystemExit("--data is for classification image folders; segmentation trains on the "
-                         "generated shapes (leave --data out)")
     for name in ("batch_size", "epochs", "num_samples", "log_every"):
         if getattr(cfg, name) < 1:
             raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(cfg, name)}")
     if cfg.image_size % 32:
         raise SystemExit(f"--image-size must be a multiple of 32 (the backbone's stride), got {cfg.image_size}")
-    if cfg.data is not None and not os.path.isdir(cfg.data):
-        raise SystemExit(f"--data {cfg.data!r} is not a folder")
+    if cfg.workers is not None and cfg.workers < 0:
+        raise SystemExit(f"--workers must be 0 or more, got {cfg.workers}")
+    if cfg.val_data is not None and cfg.data is None:
+        raise SystemExit("--val-data needs --data (the generated shapes have their own validation set)")
+    if cfg.data is None and cfg.num_classes is not None and not 2 <= cfg.num_classes <= 6:
+        raise SystemExit(f"--num-classes must be 2-6 for the generated shapes, got {cfg.num_classes}")
+    if cfg.data is not None and cfg.num_classes is not None and cfg.num_classes < 2:
+        raise SystemExit(f"--num-classes must be at least 2, got {cfg.num_classes}")
+    if cfg.pretrained is not None and not os.path.isfile(cfg.pretrained):
+        raise CheckpointError(f"--pretrained {cfg.pretrained!r}: checkpoint file does not exist")
 
 
 # --------------------------------------------------------------------------------------------- pieces
@@ -166,30 +209,73 @@ class _ResumableSampler(torch.utils.data.Sampler):
         return len(self.inner) - self.skip
 
 
-def _datasets(cfg: TrainConfig):
-    if cfg.data is not None:
-        from torchvision import datasets, transforms
-        tf = transforms.Compose([transforms.Resize((cfg.image_size, cfg.image_size)), transforms.ToTensor(),
-                                 transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
-        train = datasets.ImageFolder(cfg.data, transform=tf)
-        return train, None, len(train.classes)
-    train = ShapesDataset(cfg.num_samples, cfg.image_size, cfg.num_classes, cfg.task, cfg.seed)
-    val = ShapesDataset(max(cfg.batch_size, cfg.num_samples // 8), cfg.image_size, cfg.num_classes, cfg.task,
-                        cfg.seed + 7919)
-    return train, val, train.num_targets
+def _datasets(cfg: TrainConfig, say):
+    """(training set, validation set or None, cfg with num_classes resolved); folders are checked
+    here, before anything trains (DataError)."""
+    if cfg.data is None:
+        classes = 4 if cfg.num_classes is None else cfg.num_classes
+        train = ShapesDataset(cfg.num_samples, cfg.image_size, classes, cfg.task, cfg.seed)
+        val = ShapesDataset(max(cfg.batch_size, cfg.num_samples // 8), cfg.image_size, classes, cfg.task,
+                            cfg.seed + 7919)
+        return train, val, replace(cfg, num_classes=classes)
+    train_dir, val_dir = split_folders(cfg.data, cfg.val_data)
+    common = dict(image_size=cfg.image_size, augment=cfg.augment, skip_bad=cfg.skip_bad_images, seed=cfg.seed,
+                  progress=say)
+    if cfg.task == "cls":
+        train = ClassificationFolder(train_dir, train=True, arg="--data", **common)
+        if cfg.num_classes is not None and cfg.num_classes != train.num_targets:
+            raise DataError(f"--num-classes {cfg.num_classes} but --data {train_dir!r} has {train.num_targets} "
+                            f"class folders")
+        val = None if val_dir is None else ClassificationFolder(
+            val_dir, train=False, classes=train.classes, arg="--val-data" if cfg.val_data else "--data (val/)",
+            **common)
+    else:
+        train = SegmentationFolder(train_dir, train=True, num_classes=cfg.num_classes,
+                                   ignore_index=cfg.ignore_index, arg="--data", **common)
+        val = None if val_dir is None else SegmentationFolder(
+            val_dir, train=False, num_classes=train.num_classes, ignore_index=cfg.ignore_index,
+            arg="--val-data" if cfg.val_data else "--data (val/)", **common)
+    return train, val, replace(cfg, num_classes=train.num_targets)
+
+
+def _default_workers(cfg: TrainConfig, world: int) -> int:
+    """DataLoader workers when --workers is not given: folders decode images, so one process per
+    core (shared among the training processes) up to 8; the generated shapes are cheap to draw in
+    the training process itself."""
+    if cfg.data is None:
+        return 0
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cores = os.cpu_count() or 1
+    return min(8, cores // world) if cores // world > 1 else 0
+
+
+def _head_modules(model) -> tuple:
+    """The layers a fine-tuned model may re-initialise when their shape differs: the classifier
+    of a DLA, the last convolution and the class-map upsampling of DLA-Up, the heads of the
+    CenterNet-style net."""
+    if isinstance(getattr(model, "heads", None), dict):
+        return tuple(model.heads)
+    if isinstance(getattr(model, "up", None), torch.nn.Module):  # DLA-Up: the upsampling of the class maps
+        return ("fc", "up")
+    return ("fc",)
 
 
 def _build_model(cfg: TrainConfig, num_outputs: int):
-    """The model with its last layer zero-initialised, so training starts from uniform
-    predictions (the original init gives logits in the tens for a few classes), and with the
-    parameters its forward never uses (the original layout's unused `project` modules, a dense
-    model's backbone classifier) frozen, so DistributedDataParallel need not look for them."""
+    """(model, PretrainedReport or None): the model with its last layer zero-initialised, so
+    training starts from uniform predictions (the original init gives logits in the tens for a
+    few classes), then loaded from --pretrained (a head of another shape keeps that init), and
+    with the parameters its forward never uses (the original layout's unused `project` modules, a
+    dense model's backbone classifier) frozen, so DistributedDataParallel need not look for them."""
     from . import create_model, fuse
+    from .checkpoint import load_pretrained
     kwargs = {"heads": {"seg": num_outputs}} if cfg.model.startswith("centernet") else {}
     model = create_model(cfg.model, num_classes=None if kwargs else num_outputs, fused=False, **kwargs)
     last = model.seg[-1] if kwargs else (model.fc[0] if isinstance(model.fc, torch.nn.Sequential) else model.fc)
     torch.nn.init.zeros_(last.weight)
     torch.nn.init.zeros_(last.bias)
+    report = load_pretrained(model, cfg.pretrained, head=_head_modules(model)) if cfg.pretrained else None
     probe = copy.deepcopy(model).to("meta")  # shapes only: finds what backward never reaches
     output = probe(torch.empty(2, 3, cfg.image_size, cfg.image_size, device="meta"))
     outputs = list(output[0].values()) if isinstance(output, list) else (
@@ -199,23 +285,28 @@ def _build_model(cfg: TrainConfig, num_outputs: int):
     for name, p in model.named_parameters():
         if name not in reached:
             p.requires_grad_(False)
-    return fuse(model) if cfg.fused else model
+    return (fuse(model) if cfg.fused else model), report
 
 
 def _logits(output, size):
     """Per-pixel (seg) or per-image (cls) logits from each model family's output."""
     if isinstance(output, list):  # CenterNet-style: [{'seg': (N, K, H/4, W/4)}]
         return F.interpolate(output[0]["seg"], size=size, mode="bilinear", align_corners=False)
-    if isinstance(output, tuple):  # DLASeg: (log_softmax at full resolution, logits)
+    if isinstance(output, tuple):  # DLASeg: (log_softmax at input resolution, logits)
+        if output[0].shape[-2:] != tuple(size):  # validation masks kept at their own resolution
+            return F.interpolate(output[0], size=size, mode="bilinear", align_corners=False)
         return output[0]
     return output
 
 
 def _loss(cfg: TrainConfig, output, target):
     logits = _logits(output, target.shape[-2:]).float()
-    if cfg.task == "seg" and isinstance(output, tuple):
-        return F.nll_loss(logits, target), logits
-    return F.cross_entropy(logits, target), logits
+    if cfg.task == "cls":
+        return F.cross_entropy(logits, target), logits
+    # the mean over the pixels not ignored (0, not NaN, for a crop that holds none)
+    loss_fn = F.nll_loss if isinstance(output, tuple) else F.cross_entropy
+    total = loss_fn(logits, target, ignore_index=cfg.ignore_index, reduction="sum")
+    return total / (target != cfg.ignore_index).sum().clamp_min(1), logits
 
 
 def _lr_factor(schedule: str, step: int, total: int) -> float:
@@ -285,10 +376,11 @@ class _StopRequest:
 
 
 def save_training_checkpoint(path: str, model, optimizer, scheduler, scaler, progress: dict,
-                             cfg: TrainConfig, world_size: int = 1) -> None:
+                             cfg: TrainConfig, world_size: int = 1, best: Optional[dict] = None) -> None:
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
-             "progress": progress, "config": asdict(cfg), "world_size": world_size, "rng": torch.get_rng_state()}
+             "progress": progress, "config": asdict(cfg), "world_size": world_size, "rng": torch.get_rng_state(),
+             "best": best or {}}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # never leaves a half-written checkpoint behind
@@ -296,8 +388,9 @@ def save_training_checkpoint(path: str, model, optimizer, scheduler, scaler, pro
 
 # Settings that fix the model, the data order and the learning-rate schedule: a resumed run must
 # use the same ones to continue exactly.
-RESUME_KEYS = ("model", "task", "num_classes", "image_size", "data", "num_samples", "batch_size", "seed",
-               "epochs", "steps_per_epoch", "lr", "lr_schedule")
+RESUME_KEYS = ("model", "task", "num_classes", "image_size", "data", "val_data", "augment", "ignore_index",
+               "skip_bad_images", "num_samples", "batch_size", "seed", "epochs", "steps_per_epoch", "lr",
+               "lr_schedule")
 
 
 def load_training_checkpoint(path: str, cfg: TrainConfig, world_size: int = 1) -> dict:
@@ -315,8 +408,12 @@ def load_training_checkpoint(path: str, cfg: TrainConfig, world_size: int = 1) -
                               f"(expected format {CHECKPOINT_FORMAT!r}); to start from model weights, "
                               "load them with dla_fused.load_checkpoint instead")
     saved = state["config"]
-    differ = [f"{k}: checkpoint {saved.get(k)!r}, now {getattr(cfg, k)!r}" for k in RESUME_KEYS
-              if saved.get(k) != getattr(cfg, k)]
+    # settings added later are absent from older checkpoints: they had the defaults; an unset
+    # num_classes follows from the data (compared as `data`)
+    defaults = TrainConfig()
+    differ = [f"{k}: checkpoint {saved.get(k, getattr(defaults, k))!r}, now {getattr(cfg, k)!r}"
+              for k in RESUME_KEYS if saved.get(k, getattr(defaults, k)) != getattr(cfg, k)
+              and not (k == "num_classes" and getattr(cfg, k) is None)]
     if state.get("world_size", 1) != world_size:
         differ.append(f"processes: checkpoint {state.get('world_size', 1)}, now {world_size}")
     if differ:
@@ -326,14 +423,16 @@ def load_training_checkpoint(path: str, cfg: TrainConfig, world_size: int = 1) -
 
 
 def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx) -> Optional[float]:
-    """Accuracy (cls) or mean IoU (seg) on the generated validation set."""
+    """Top-1 accuracy (cls) or mean IoU (seg, pixels at the ignore index left out) on the
+    validation set."""
     if dataset is None:
         return None
     model.eval()
     correct = total = 0
     k = dataset.num_targets
     confusion = torch.zeros(k, k, dtype=torch.long)
-    loader = DataLoader(dataset, batch_size=cfg.batch_size, shuffle=False)
+    batch = cfg.batch_size if getattr(dataset, "uniform", True) else 1  # images of several sizes: one by one
+    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.workers or 0)
     with torch.no_grad():
         for images, target in loader:
             images = images.to(device)
@@ -345,7 +444,8 @@ def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx) -> Optional[flo
                 correct += int((pred == target).sum())
                 total += target.numel()
             else:
-                confusion += torch.bincount(target.flatten() * k + pred.flatten(), minlength=k * k).view(k, k)
+                keep = target != cfg.ignore_index
+                confusion += torch.bincount(target[keep] * k + pred[keep], minlength=k * k).view(k, k)
     model.train()
     return correct / total if cfg.task == "cls" else mean_iou(confusion)
 
@@ -406,9 +506,24 @@ def train(cfg: TrainConfig) -> dict:
 def _train(cfg: TrainConfig, env: _Distributed) -> dict:
     from .sync_bn import synchronize_batch_norm
     device = env.device
+
+    def say(message: str) -> None:
+        if env.main and not cfg.quiet:
+            print(message, file=sys.stderr, flush=True)
+    train_set, val_set, cfg = _datasets(cfg, say)
+    if cfg.workers is None:
+        cfg = replace(cfg, workers=_default_workers(cfg, env.world))
+    skipped = getattr(train_set, "skipped", 0) + getattr(val_set, "skipped", 0)
+    if cfg.data is not None and env.main:
+        print(f"data: {len(train_set)} training images" + (f", {len(val_set)} validation images" if val_set
+              else " (no validation set: --val-data, or train/ and val/ inside --data)")
+              + f", {train_set.num_targets} classes" + (f", {skipped} unreadable images skipped" if skipped else "")
+              + f"; {cfg.workers} loader workers", file=sys.stderr)
     torch.manual_seed(cfg.seed)
-    train_set, val_set, num_outputs = _datasets(cfg)
-    model = _build_model(cfg, num_outputs).to(device)
+    model, pretrained = _build_model(cfg, train_set.num_targets)
+    model = model.to(device)
+    if pretrained is not None and env.main:
+        print(f"pretrained {cfg.pretrained}: {pretrained.summary()}", file=sys.stderr)
     if cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=0.9, weight_decay=cfg.weight_decay)
@@ -423,8 +538,10 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
         optimizer, lambda s: _lr_factor(cfg.lr_schedule, s, total_steps))
     scaler = torch.amp.GradScaler(device.type) if cfg.amp == "fp16" else None
     progress = {"epoch": 0, "batch": 0, "global_step": 0}
+    best = {}  # {"metric", "epoch"} of the best validation so far
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
+    best_path = os.path.join(cfg.out, "best.pt")
     if cfg.resume:
         path = ckpt_path if cfg.resume == "auto" else cfg.resume
         state = load_training_checkpoint(path, cfg, env.world)
@@ -434,11 +551,14 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
         progress = dict(state["progress"])
+        best = dict(state.get("best", {}))
         torch.set_rng_state(state["rng"])
         if env.main:
             print(f"resumed from {path} at epoch {progress['epoch']}, batch {progress['batch']}", file=sys.stderr)
-    elif env.main and os.path.exists(log_path):
-        os.remove(log_path)  # a fresh run starts a fresh log
+    elif env.main:
+        for stale in (log_path, best_path):  # a fresh run starts a fresh log and a fresh best
+            if os.path.exists(stale):
+                os.remove(stale)
     if cfg.sync_bn:
         if env.world == 1 and env.main:
             print("--sync-bn with a single process: statistics are already global", file=sys.stderr)
@@ -456,6 +576,10 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
 
     bar = _Progress(env.main and not cfg.quiet)
     log = open(log_path, "a") if env.main else None
+    if log and pretrained is not None and not cfg.resume:
+        log.write(json.dumps({"kind": "pretrained", "path": cfg.pretrained, "kept": len(pretrained.kept),
+                              "reinitialised": pretrained.reinitialised, "not_in_file": pretrained.not_in_file,
+                              "unused": pretrained.unused, "prefix": pretrained.prefix}) + "\n")
     images_per_s, loss_value, metric = [], float("nan"), None
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -464,6 +588,8 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
         stop.install()
         for epoch in range(progress["epoch"], cfg.epochs):
             sampler.set_position(epoch, progress["batch"] * cfg.batch_size)
+            if hasattr(train_set, "set_epoch"):  # augmentation drawn from (seed, epoch, index)
+                train_set.set_epoch(epoch)
             loader = DataLoader(train_set, batch_size=cfg.batch_size, sampler=sampler, num_workers=cfg.workers,
                                 drop_last=True, pin_memory=device.type == "cuda")
             tick = time.perf_counter()
@@ -507,16 +633,25 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
             progress = {"epoch": epoch + 1, "batch": 0, "global_step": progress["global_step"]}
             if env.main:
                 metric = _evaluate(cfg, model, val_set, device, amp_ctx)
-                metric_name = "accuracy" if cfg.task == "cls" else "mIoU"
+                metric_name = METRIC_NAMES[cfg.task]
+                improved = metric is not None and (not best or metric > best["metric"])
+                if improved:
+                    best = {"metric": metric, "epoch": epoch}
                 bar.update(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.4f} "
-                           + (f"{metric_name} {metric:.3f}" if metric is not None else ""), final=True)
+                           + (f"{metric_name} {metric:.3f}" + (" (best)" if improved else "")
+                              if metric is not None else ""), final=True)
                 log.write(json.dumps({"kind": "epoch", "epoch": epoch, "loss": loss_value, "metric": metric,
                                       "metric_name": metric_name, "global_step": progress["global_step"]}) + "\n")
                 log.flush()
-                save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world)
+                save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world,
+                                         best)
+                if improved:
+                    save_training_checkpoint(best_path, model, optimizer, scheduler, scaler, progress, cfg,
+                                             env.world, best)
     except KeyboardInterrupt:
         if env.main and stop.stopping:  # at a step boundary (a second Ctrl-C saves nothing)
-            save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world)
+            save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world,
+                                     best)
             print(f"\ninterrupted after step {progress['global_step']}: checkpoint saved to {ckpt_path}; "
                   f"continue with --resume {ckpt_path}", file=sys.stderr)
         raise
@@ -530,6 +665,9 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     return {"images_per_s": sum(images_per_s) / len(images_per_s) if images_per_s else float("nan"),
             "peak_memory_bytes": peak, "final_loss": loss_value, "metric": metric,
+            "metric_name": METRIC_NAMES[cfg.task] if val_set is not None else None,
+            "best_metric": best.get("metric"), "best_epoch": best.get("epoch"),
+            "best_checkpoint": best_path if best else None, "skipped_images": skipped,
             "steps": progress["global_step"], "checkpoint": ckpt_path, "log": log_path}
 
 
@@ -537,7 +675,7 @@ def main(argv=None) -> int:
     cfg = config_from_args(argv)
     try:
         summary = train(cfg)
-    except CheckpointError as e:
+    except (CheckpointError, DataError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
