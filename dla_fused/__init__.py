@@ -37,6 +37,7 @@ from .backend import backend_info, get_backend, set_backend  # noqa: E402
 from .checkpoint import CheckpointError, load_checkpoint, load_pretrained  # noqa: E402
 from .fuse import fuse, is_fused, set_memory_efficient, set_prepack, unfuse  # noqa: E402
 from .models import list_models, parameter_table  # noqa: E402
+from . import train  # noqa: E402  (the trainer: dla_fused.train.train(TrainConfig(...)))
 
 __version__ = "0.1.0"
 

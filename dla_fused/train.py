@@ -577,7 +577,7 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
     bar = _Progress(env.main and not cfg.quiet)
     log = open(log_path, "a") if env.main else None
     if log and pretrained is not None and not cfg.resume:
-        log.write(json.dumps({"kind": "pretrained", "path": cfg.pretrained, "kept": len(pretrained.kept),
+        log.write(json.dumps({"kind": "pretrained", "path": cfg.pretrained, "kept": pretrained.kept,
                               "reinitialised": pretrained.reinitialised, "not_in_file": pretrained.not_in_file,
                               "unused": pretrained.unused, "prefix": pretrained.prefix}) + "\n")
     images_per_s, loss_value, metric = [], float("nan"), None

@@ -374,7 +374,8 @@ def test_pretrained_is_logged(tmp_path):
     train(TrainConfig(**TINY, model="dla46_c", data=data, pretrained=str(tmp_path / "w.pth"), epochs=1,
                       steps_per_epoch=1, out=out))
     (row,) = _rows(out, "pretrained")
-    assert sorted(row["reinitialised"]) == ["fc.bias", "fc.weight"] and row["kept"] > 100
+    assert sorted(row["reinitialised"]) == ["fc.bias", "fc.weight"] and len(row["kept"]) > 100
+    assert "level5.root.conv.weight" in row["kept"] and not row["not_in_file"] and not row["unused"]
 
 
 # --------------------------------------------------------------------------------------------- README
