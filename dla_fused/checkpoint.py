@@ -1,8 +1,9 @@
 """Loading checkpoints from local files, with errors that say what is wrong with the file.
 
 Accepted: a state_dict, or a dict holding it under 'state_dict' or 'model' (CenterNet, many
-trainers), with or without DataParallel's 'module.' prefix; original-layout DLA checkpoints and
-timm's (which lack only the never-used `project` modules of levels > 1 tree nodes).
+trainers), with or without DataParallel's 'module.' prefix, or a .safetensors file (timm's
+downloads from the Hugging Face Hub; needs the safetensors package); original-layout DLA
+checkpoints and timm's (which lack only the never-used `project` modules of levels > 1 tree nodes).
 """
 import os
 import pickle
@@ -37,6 +38,8 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"checkpoint file {path!r} does not exist")
     with open(path, "rb") as f:
         head = f.read(64)
+    if len(head) > 9 and head[8:10] in (b'{"', b"{'", b"{ ") and int.from_bytes(head[:8], "little") > 1:
+        return _read_safetensors(path)
     if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
         what = "an empty file" if not head else f"a file starting with {head[:24]!r}"
         if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
@@ -61,6 +64,25 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
     if not_tensors:
         raise CheckpointError(f"{path!r} is not a state_dict: entries that are not tensors: {_listing(not_tensors)}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
+    """A .safetensors file (the Hugging Face Hub's format, timm's downloads): 8 bytes of header
+    length, a JSON header, the tensors."""
+    try:
+        from safetensors.torch import load_file
+    except ImportError as e:
+        raise CheckpointError(f"{path!r} is a safetensors file: install the safetensors package to read it "
+                              "(pip install safetensors)") from e
+    try:
+        obj = load_file(path, device="cpu")
+    except Exception as e:
+        raise CheckpointError(f"{path!r} is a truncated or corrupt safetensors file: {type(e).__name__}: {e}") from e
+    if not obj:
+        raise CheckpointError(f"{path!r} holds no tensors")
     if all(k.startswith("module.") for k in obj):
         obj = {k[len("module."):]: v for k, v in obj.items()}
     return dict(obj)
@@ -121,13 +143,23 @@ class PretrainedReport:
                  "-base.": " (the file's 'base.' keys, as the backbone)"}[self.prefix]
         lines = [f"kept {len(self.kept)} tensors{where}"]
         if self.reinitialised:
-            lines.append(f"re-initialised {len(self.reinitialised)} (shape differs): {_listing(self.reinitialised)}")
+            lines.append(f"re-initialised {len(self.reinitialised)} (head: another shape, or never trained): "
+                         f"{_listing(self.reinitialised)}")
         if self.not_in_file:
             lines.append(f"initialised fresh {len(self.not_in_file)} (not in the file): {modules(self.not_in_file)}")
         if self.unused:
             lines.append(f"left out {len(self.unused)} of the file's tensors (no place in the model): "
                          f"{modules(self.unused)}")
         return "; ".join(lines)
+
+
+def _renamed(key: str, prefix: str) -> str:
+    """The model's name for the file's `key` under load_pretrained's prefix rule."""
+    if prefix == "base.":
+        return prefix + key
+    if prefix == "-base.":
+        return key[len("base."):] if key.startswith("base.") else "<not the backbone> " + key
+    return key
 
 
 def load_pretrained(model: nn.Module, path, head: Sequence[str] = ()) -> PretrainedReport:
@@ -138,14 +170,15 @@ def load_pretrained(model: nn.Module, path, head: Sequence[str] = ()) -> Pretrai
     model's own initialisation. A shape mismatch anywhere else is an error (another variant);
     tensors only the model has (a new decoder or head) keep their initialisation, tensors only
     the file has (another task's heads) are left out. A backbone checkpoint (original release or
-    timm) loads into the `base` of a dense model. The report says which tensors went where.
+    timm) loads into the `base` of a dense model, and a dense model's `base` into a classifier (its
+    never-trained `base.fc` not as the head). The report says which tensors went where.
     Raises CheckpointError naming the file and what is wrong, before the model is changed.
     """
     state_dict = read_state_dict(path)
     path = os.fspath(path)
     expected = model.state_dict()
     name = type(model).__name__
-    prefix = ""
+    prefix, original = "", list(state_dict)
     if not set(state_dict) & set(expected):
         if isinstance(getattr(model, "base", None), nn.Module) and {"base." + k for k in state_dict} & set(expected):
             prefix = "base."  # a classifier's checkpoint for a dense model's backbone
@@ -161,6 +194,8 @@ def load_pretrained(model: nn.Module, path, head: Sequence[str] = ()) -> Pretrai
     def in_head(key):
         return any(key == h or key.startswith(h + ".") for h in head)
     mismatched = [k for k in common if state_dict[k].shape != expected[k].shape]
+    if prefix == "-base.":  # a dense model's backbone classifier was never trained: the head starts afresh
+        mismatched += [k for k in common if in_head(k) and k not in mismatched]
     outside = [f"{k} (model {tuple(expected[k].shape)}, file {tuple(state_dict[k].shape)})"
                for k in mismatched if not in_head(k)]
     if outside:
@@ -171,6 +206,6 @@ def load_pretrained(model: nn.Module, path, head: Sequence[str] = ()) -> Pretrai
     report = PretrainedReport(
         kept=[k for k in common if k not in mismatched], reinitialised=mismatched,
         not_in_file=[k for k in expected if k not in state_dict and k not in optional],
-        unused=[k for k in state_dict if k not in expected], prefix=prefix)
+        unused=[k for k in original if _renamed(k, prefix) not in expected], prefix=prefix)
     model.load_state_dict({k: state_dict[k] for k in report.kept}, strict=False)
     return report
