@@ -4,22 +4,24 @@ Classification (`ClassificationFolder`): one subfolder of images per class, as t
 ImageFolder reads it (images may sit in nested folders below their class folder).
 
 Segmentation (`SegmentationFolder`): `images/` and `masks/` side by side; each image has a mask
-with the same name (extension aside): a single-channel PNG (mode L, P, I or I;16) whose pixel
-values are class indices, `ignore_index` (255 by default) marking pixels that count for nothing.
+with the same name (extension aside): a single-channel PNG (mode L, P, I or I;16; BMP and TIFF
+too, never a lossy format) whose pixel values are class indices, `ignore_index` (255 by default)
+marking pixels that count for nothing.
 
 `split_folders` finds a validation split: `--val-data`, or a `train/` and `val/` inside `--data`.
 
 Everything is checked before training starts, and a `DataError` says what is wrong: a missing or
-empty folder, a class folder without images, an image without its mask, a mask of another size
-than its image, class indices beyond the number of classes, and unreadable images (their header
-is read; with `skip_bad=True` they are left out and counted instead). Every mask is decoded once
-for this check; images only have their header read.
+empty folder, a class folder without images, an image without its mask, two files of one name, a
+mask of another size than its image, class indices beyond the number of classes, and images that
+cannot be decoded (with `skip_bad=True` those are left out and counted instead; a bad mask is
+always an error). Every image and mask is decoded once for this check, in threads.
 
 Augmentation draws from a generator seeded by (seed, epoch, index): the same sample of the same
 epoch is augmented the same way in any worker process and after `--resume`.
 """
 import math
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -30,6 +32,7 @@ from torch.utils.data import Dataset
 __all__ = ["DataError", "ClassificationFolder", "SegmentationFolder", "split_folders", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
+MASK_EXTENSIONS = (".png", ".pgm", ".bmp", ".tif", ".tiff")  # lossless: class indices survive
 MASK_MODES = ("L", "P", "I", "I;16")
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # ImageNet statistics, as the checkpoints
 SCALE_RANGE = (0.5, 2.0)  # segmentation: random scale around the base size
@@ -61,13 +64,25 @@ def _subfolders(path: str) -> List[str]:
     return sorted(e.name for e in os.scandir(path) if e.is_dir() and not e.name.startswith("."))
 
 
-def _image_files(folder: str) -> List[str]:
+def _image_files(folder: str, extensions=IMAGE_EXTENSIONS) -> List[str]:
     found = []
     for root, dirs, files in os.walk(folder, followlinks=True):
         dirs[:] = sorted(d for d in dirs if not d.startswith("."))
         found += [os.path.join(root, f) for f in sorted(files)
-                  if not f.startswith(".") and f.lower().endswith(IMAGE_EXTENSIONS)]
+                  if not f.startswith(".") and f.lower().endswith(extensions)]
     return found
+
+
+def _by_name(paths: Sequence[str], folder: str, what: str, arg: str) -> Dict[str, str]:
+    """{name without extension, relative to folder: path}; two files of one name are an error."""
+    named: Dict[str, List[str]] = {}
+    for p in paths:
+        named.setdefault(os.path.splitext(os.path.relpath(p, folder))[0], []).append(p)
+    clashes = [" and ".join(v) for v in named.values() if len(v) > 1]
+    if clashes:
+        raise DataError(f"{arg}: {len(clashes)} names are used by more than one of the {what} (extension aside), "
+                        f"so which pairs with which is unclear: {_listing(clashes)}")
+    return {k: v[0] for k, v in named.items()}
 
 
 def split_folders(data: str, val_data: Optional[str] = None) -> Tuple[str, Optional[str]]:
@@ -75,6 +90,9 @@ def split_folders(data: str, val_data: Optional[str] = None) -> Tuple[str, Optio
     holds a `train/` folder, else `data` itself; `val_data` overrides the validation folder."""
     _folder(data, "--data")
     train, val = data, None
+    if os.path.isdir(os.path.join(data, "val")) and not os.path.isdir(os.path.join(data, "train")):
+        raise DataError(f"--data {data!r} holds a val/ folder but no train/ folder: put the training images in "
+                        "train/ (or pass the validation folder as --val-data)")
     if os.path.isdir(os.path.join(data, "train")):
         train = _folder(os.path.join(data, "train"), "--data (its train/ folder)")
         if os.path.isdir(os.path.join(data, "val")):
@@ -84,22 +102,35 @@ def split_folders(data: str, val_data: Optional[str] = None) -> Tuple[str, Optio
     return train, val
 
 
-def _header(path: str):
-    """(width, height) from the image's header, or the reason it cannot be read."""
+def _decode(path: str):
+    """(width, height) of the image, decoded in full (a file cut short opens, then fails to
+    decode), or the reason it cannot be used."""
     from PIL import Image
     try:
         with Image.open(path) as im:
+            im.load()
             return im.size
     except Exception as e:  # PIL raises UnidentifiedImageError, OSError, SyntaxError, ...
         return f"{type(e).__name__}: {e}"
 
 
-def _check_headers(paths: Sequence[str], skip_bad: bool, arg: str, progress) -> Tuple[Dict[str, tuple], int]:
-    """Sizes of the readable images; an error naming the unreadable ones, or their count with
-    `skip_bad`."""
-    progress(f"checking {len(paths)} images in {arg} ...")
+def _map_with_progress(fn, items: Sequence, what: str, progress) -> list:
+    """fn over items in threads (PIL decodes outside the GIL), with a progress line every 10 s."""
+    progress(f"checking {len(items)} {what} ...")
+    results, last = [], time.monotonic()
     with ThreadPoolExecutor(_CHECK_THREADS) as pool:
-        results = list(pool.map(_header, paths))
+        for r in pool.map(fn, items):
+            results.append(r)
+            if time.monotonic() - last >= 10:
+                progress(f"  {len(results)}/{len(items)} {what} checked")
+                last = time.monotonic()
+    return results
+
+
+def _check_images(paths: Sequence[str], skip_bad: bool, arg: str, progress) -> Tuple[Dict[str, tuple], int]:
+    """Sizes of the images that decode; an error naming the others, or their count with
+    `skip_bad`."""
+    results = _map_with_progress(_decode, paths, f"images in {arg}", progress)
     bad = [f"{p} ({r})" for p, r in zip(paths, results) if isinstance(r, str)]
     if bad and not skip_bad:
         raise DataError(f"{arg}: {len(bad)} of {len(paths)} images cannot be read: {_listing(bad)} "
@@ -170,7 +201,7 @@ class ClassificationFolder(_Seeded, Dataset):
             raise DataError(f"{arg}: class folders without images ({', '.join(IMAGE_EXTENSIONS)}): "
                             f"{_listing(empty)}")
         paths = [p for c in found for p in files[c]]
-        sizes, self.skipped = _check_headers(paths, skip_bad, arg, progress)
+        sizes, self.skipped = _check_images(paths, skip_bad, arg, progress)
         self.samples = [(p, index[c]) for c in found for p in files[c] if p in sizes]
         if not self.samples:
             raise DataError(f"{arg} {root!r}: no readable images")
@@ -270,7 +301,8 @@ def _mask_summary(path: str):
 class SegmentationFolder(_Seeded, Dataset):
     """`images/` and `masks/` with one single-channel PNG mask of class indices per image (same
     name, any image extension). `num_classes`: checked against every mask (indices other than
-    `ignore_index` must be below it); None: the largest index found + 1.
+    `ignore_index` must be below it); None: the largest index found + 1 (the trainer takes the
+    largest over the training and validation splits).
 
     Training with `augment`: the image is scaled so its shorter side is image_size x s, s drawn
     from 0.5-2.0, padded where smaller than image_size (mask: ignore_index), randomly cropped to
@@ -291,19 +323,20 @@ class SegmentationFolder(_Seeded, Dataset):
         images = _image_files(image_dir)
         if not images:
             raise DataError(f"{arg}: {image_dir!r} holds no images ({', '.join(IMAGE_EXTENSIONS)})")
-        masks = {}
-        for p in _image_files(mask_dir):
-            masks.setdefault(os.path.splitext(os.path.relpath(p, mask_dir))[0], p)
-        stem = {p: os.path.splitext(os.path.relpath(p, image_dir))[0] for p in images}
+        stem = {v: k for k, v in _by_name(images, image_dir, "images", arg).items()}
+        masks = _by_name(_image_files(mask_dir, MASK_EXTENSIONS), mask_dir, "masks", arg)
         orphans = [p for p in images if stem[p] not in masks]
         if orphans:
+            lossy = _by_name(_image_files(mask_dir), mask_dir, "mask files", arg)
+            lossy = [lossy[stem[p]] for p in orphans if stem[p] in lossy]
+            if lossy:
+                raise DataError(f"{arg}: masks in a lossy format, which changes class indices: {_listing(lossy)}; "
+                                f"save them as PNG ({', '.join(MASK_EXTENSIONS)} are read)")
             raise DataError(f"{arg}: {len(orphans)} images have no mask of the same name in {mask_dir!r}: "
                             f"{_listing(orphans)}")
-        sizes, self.skipped = _check_headers(images, skip_bad, arg, progress)
+        sizes, self.skipped = _check_images(images, skip_bad, arg, progress)
         images = [p for p in images if p in sizes]
-        progress(f"checking {len(images)} masks in {arg} ...")
-        with ThreadPoolExecutor(_CHECK_THREADS) as pool:
-            summaries = list(pool.map(_mask_summary, [masks[stem[p]] for p in images]))
+        summaries = _map_with_progress(_mask_summary, [masks[stem[p]] for p in images], f"masks in {arg}", progress)
         bad = [f"{masks[stem[p]]} ({s})" for p, s in zip(images, summaries) if isinstance(s, str)]
         if bad:
             raise DataError(f"{arg}: {len(bad)} masks cannot be used: {_listing(bad)}")
@@ -315,17 +348,18 @@ class SegmentationFolder(_Seeded, Dataset):
         negative = [masks[stem[p]] for p, v in zip(images, values) if len(v) and v.min() < 0]
         if negative:
             raise DataError(f"{arg}: masks with negative values: {_listing(negative)}")
-        largest = max((int(v.max()) for v in values if len(v)), default=-1)
+        if not any(len(v) for v in values):
+            raise DataError(f"{arg}: every mask pixel is the ignore index {ignore_index}: nothing to learn or "
+                            "measure (is --ignore-index right?)")
+        self.largest = max(int(v.max()) for v in values if len(v))
         if num_classes is None:
-            if largest < 1:
-                raise DataError(f"{arg}: the masks hold fewer than 2 classes (besides the ignore index "
-                                f"{ignore_index}); pass the number of classes")
-            num_classes = largest + 1
+            num_classes = self.largest + 1
         beyond = [f"{masks[stem[p]]} (values {', '.join(str(int(x)) for x in v[v >= num_classes][:4])})"
                   for p, v in zip(images, values) if len(v) and v.max() >= num_classes]
         if beyond:
             raise DataError(f"{arg}: {len(beyond)} masks hold class indices >= the number of classes "
-                            f"({num_classes}) other than the ignore index {ignore_index}: {_listing(beyond)}")
+                            f"({num_classes}) other than the ignore index {ignore_index}: {_listing(beyond)} "
+                            "(--num-classes, --ignore-index)")
         self.samples = [(p, masks[stem[p]]) for p in images]
         self.sizes = [sizes[p] for p in images]
         self.num_classes, self.ignore_index = num_classes, ignore_index
