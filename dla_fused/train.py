@@ -99,8 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "scale 0.5-2, crop and flip of image and mask for seg)")
     p.add_argument("--ignore-index", type=int, default=d.ignore_index, help="seg: mask value that counts for "
                    "nothing in the loss and the mean IoU")
-    p.add_argument("--skip-bad-images", action="store_true", help="images that cannot be read are left out "
-                   "and counted (default: an error naming them, before training starts)")
+    p.add_argument("--skip-bad-images", action="store_true", help="images that cannot be decoded are left out "
+                   "and counted (default: an error naming them, before training starts; every image is decoded "
+                   "once then); a bad mask is always an error")
     p.add_argument("--num-samples", type=int, default=d.num_samples, help="generated training images")
     p.add_argument("--image-size", type=int, default=d.image_size, help="side in pixels (multiple of 32): "
                    "the training crop for folders")
@@ -114,7 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-schedule", default=d.lr_schedule, choices=["cosine", "step", "constant"])
     p.add_argument("--weight-decay", type=float, default=d.weight_decay)
     p.add_argument("--workers", type=int, default=d.workers, help="DataLoader worker processes per training "
-                   "process (default: for folders, one per CPU core up to 8; generated shapes: none)")
+                   "process (default: for folders, CPU cores / training processes, at most 8, none when that "
+                   "is 1; generated shapes: none)")
     p.add_argument("--amp", default=d.amp, choices=["bf16", "fp16"], help="mixed precision (default: float32)")
     p.add_argument("--channels-last", action="store_true")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
@@ -233,8 +235,16 @@ def _datasets(cfg: TrainConfig, say):
         train = SegmentationFolder(train_dir, train=True, num_classes=cfg.num_classes,
                                    ignore_index=cfg.ignore_index, arg="--data", **common)
         val = None if val_dir is None else SegmentationFolder(
-            val_dir, train=False, num_classes=train.num_classes, ignore_index=cfg.ignore_index,
+            val_dir, train=False, num_classes=cfg.num_classes, ignore_index=cfg.ignore_index,
             arg="--val-data" if cfg.val_data else "--data (val/)", **common)
+        if cfg.num_classes is None:  # the largest index of either split (a class may be in val/ only)
+            classes = max(train.largest, val.largest if val else 0) + 1
+            if classes < 2:
+                raise DataError(f"--data {cfg.data!r}: the masks hold one class only (index 0, besides the "
+                                f"ignore index {cfg.ignore_index}); pass --num-classes")
+            for split in (train, val):
+                if split is not None:
+                    split.num_classes = classes
     return train, val, replace(cfg, num_classes=train.num_targets)
 
 
@@ -254,11 +264,11 @@ def _default_workers(cfg: TrainConfig, world: int) -> int:
 def _head_modules(model) -> tuple:
     """The layers a fine-tuned model may re-initialise when their shape differs: the classifier
     of a DLA, the last convolution and the class-map upsampling of DLA-Up, the heads of the
-    CenterNet-style net."""
+    CenterNet-style net, and a dense model's unused backbone classifier."""
     if isinstance(getattr(model, "heads", None), dict):
-        return tuple(model.heads)
+        return (*model.heads, "base.fc")  # base.fc: the backbone's classifier, never used
     if isinstance(getattr(model, "up", None), torch.nn.Module):  # DLA-Up: the upsampling of the class maps
-        return ("fc", "up")
+        return ("fc", "up", "base.fc")
     return ("fc",)
 
 
@@ -376,11 +386,12 @@ class _StopRequest:
 
 
 def save_training_checkpoint(path: str, model, optimizer, scheduler, scaler, progress: dict,
-                             cfg: TrainConfig, world_size: int = 1, best: Optional[dict] = None) -> None:
+                             cfg: TrainConfig, world_size: int = 1, best: Optional[dict] = None,
+                             data: Optional[dict] = None) -> None:
     state = {"format": CHECKPOINT_FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
              "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict() if scaler else {},
              "progress": progress, "config": asdict(cfg), "world_size": world_size, "rng": torch.get_rng_state(),
-             "best": best or {}}
+             "best": best or {}, "data": data or {}}
     tmp = path + ".tmp"
     torch.save(state, tmp)
     os.replace(tmp, path)  # never leaves a half-written checkpoint behind
@@ -388,7 +399,7 @@ def save_training_checkpoint(path: str, model, optimizer, scheduler, scaler, pro
 
 # Settings that fix the model, the data order and the learning-rate schedule: a resumed run must
 # use the same ones to continue exactly.
-RESUME_KEYS = ("model", "task", "num_classes", "image_size", "data", "val_data", "augment", "ignore_index",
+RESUME_KEYS = ("model", "task", "num_classes", "image_size", "data", "augment", "ignore_index",
                "skip_bad_images", "num_samples", "batch_size", "seed", "epochs", "steps_per_epoch", "lr",
                "lr_schedule")
 
@@ -422,9 +433,16 @@ def load_training_checkpoint(path: str, cfg: TrainConfig, world_size: int = 1) -
     return state
 
 
-def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx) -> Optional[float]:
+def _data_signature(train_set) -> dict:
+    """What a resumed run's training data must still be: the sample count and the classes."""
+    return {"samples": len(train_set), "classes": list(getattr(train_set, "classes", [])) or train_set.num_targets}
+
+
+def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx, env: Optional["_Distributed"] = None
+              ) -> Optional[float]:
     """Top-1 accuracy (cls) or mean IoU (seg, pixels at the ignore index left out) on the
-    validation set."""
+    validation set; with several processes each takes every world-th sample and the counts are
+    summed (every process must call it)."""
     if dataset is None:
         return None
     model.eval()
@@ -432,7 +450,9 @@ def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx) -> Optional[flo
     k = dataset.num_targets
     confusion = torch.zeros(k, k, dtype=torch.long)
     batch = cfg.batch_size if getattr(dataset, "uniform", True) else 1  # images of several sizes: one by one
-    loader = DataLoader(dataset, batch_size=batch, shuffle=False, num_workers=cfg.workers or 0)
+    world, rank = (env.world, env.rank) if env is not None else (1, 0)
+    shard = dataset if world == 1 else torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
+    loader = DataLoader(shard, batch_size=batch, shuffle=False, num_workers=cfg.workers or 0)
     with torch.no_grad():
         for images, target in loader:
             images = images.to(device)
@@ -447,7 +467,20 @@ def _evaluate(cfg: TrainConfig, model, dataset, device, amp_ctx) -> Optional[flo
                 keep = target != cfg.ignore_index
                 confusion += torch.bincount(target[keep] * k + pred[keep], minlength=k * k).view(k, k)
     model.train()
+    if world > 1:
+        counts = torch.cat([torch.tensor([correct, total]), confusion.flatten()]).to(device)
+        dist.all_reduce(counts)
+        counts = counts.cpu()
+        correct, total, confusion = int(counts[0]), int(counts[1]), counts[2:].view(k, k)
     return correct / total if cfg.task == "cls" else mean_iou(confusion)
+
+
+def _holds_best(path: str, best: dict) -> bool:
+    """Whether `path` is the checkpoint of that best epoch."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True).get("best") == best
+    except Exception:  # missing or unreadable: not it
+        return False
 
 
 def write_plot(log_path: str, plot_path: str, title: str = "") -> bool:
@@ -542,6 +575,7 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
     os.makedirs(cfg.out, exist_ok=True)
     ckpt_path, log_path = os.path.join(cfg.out, "last.pt"), os.path.join(cfg.out, "log.jsonl")
     best_path = os.path.join(cfg.out, "best.pt")
+    data_signature = _data_signature(train_set)
     if cfg.resume:
         path = ckpt_path if cfg.resume == "auto" else cfg.resume
         state = load_training_checkpoint(path, cfg, env.world)
@@ -550,8 +584,18 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
         scheduler.load_state_dict(state["scheduler"])
         if scaler and state["scaler"]:
             scaler.load_state_dict(state["scaler"])
+        signature = state.get("data") or data_signature  # older checkpoints have none
+        if signature != data_signature:
+            raise CheckpointError(f"cannot resume from {path!r}: the training data changed since it was saved "
+                                  f"(then {signature['samples']} samples, classes {signature['classes']}; now "
+                                  f"{data_signature['samples']}, {data_signature['classes']})")
         progress = dict(state["progress"])
         best = dict(state.get("best", {}))
+        if best and not _holds_best(best_path, best):
+            if env.main:
+                print(f"{best_path} is not the best checkpoint of the run resumed: the best is tracked afresh",
+                      file=sys.stderr)
+            best = {}
         torch.set_rng_state(state["rng"])
         if env.main:
             print(f"resumed from {path} at epoch {progress['epoch']}, batch {progress['batch']}", file=sys.stderr)
@@ -631,12 +675,13 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
                 if stop.stop_now(device):
                     raise KeyboardInterrupt
             progress = {"epoch": epoch + 1, "batch": 0, "global_step": progress["global_step"]}
+            metric = _evaluate(cfg, model, val_set, device, amp_ctx, env)
+            # a NaN (no labelled pixel met) never counts as the best
+            improved = metric is not None and math.isfinite(metric) and (not best or metric > best["metric"])
+            if improved:
+                best = {"metric": metric, "epoch": epoch}
             if env.main:
-                metric = _evaluate(cfg, model, val_set, device, amp_ctx)
                 metric_name = METRIC_NAMES[cfg.task]
-                improved = metric is not None and (not best or metric > best["metric"])
-                if improved:
-                    best = {"metric": metric, "epoch": epoch}
                 bar.update(f"epoch {epoch + 1}/{cfg.epochs} loss {loss_value:.4f} "
                            + (f"{metric_name} {metric:.3f}" + (" (best)" if improved else "")
                               if metric is not None else ""), final=True)
@@ -644,14 +689,14 @@ def _train(cfg: TrainConfig, env: _Distributed) -> dict:
                                       "metric_name": metric_name, "global_step": progress["global_step"]}) + "\n")
                 log.flush()
                 save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world,
-                                         best)
+                                         best, data_signature)
                 if improved:
                     save_training_checkpoint(best_path, model, optimizer, scheduler, scaler, progress, cfg,
-                                             env.world, best)
+                                             env.world, best, data_signature)
     except KeyboardInterrupt:
         if env.main and stop.stopping:  # at a step boundary (a second Ctrl-C saves nothing)
             save_training_checkpoint(ckpt_path, model, optimizer, scheduler, scaler, progress, cfg, env.world,
-                                     best)
+                                     best, data_signature)
             print(f"\ninterrupted after step {progress['global_step']}: checkpoint saved to {ckpt_path}; "
                   f"continue with --resume {ckpt_path}", file=sys.stderr)
         raise

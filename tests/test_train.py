@@ -187,6 +187,10 @@ def test_ddp_sync_bn_matches_one_process_on_the_full_batch(tmp_path):
     b = torch.load(tmp_path / "two" / "last.pt", weights_only=True)["model"]
     assert a["base_layer.0.weight"].dtype == torch.float64
     _assert_same_state(b, a)
+    # validation is shared between the processes and their counts summed: the same accuracy
+    metrics = [[row["metric"] for row in map(json.loads, open(tmp_path / run / "log.jsonl")) if row["kind"] == "epoch"]
+               for run in ("one", "two")]
+    assert metrics[0] == metrics[1] and len(metrics[0]) == 1
 
 
 def _cli(*args, timeout=600):
