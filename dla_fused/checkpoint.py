@@ -25,10 +25,10 @@ class CheckpointError(RuntimeError):
     """A checkpoint file is missing, unreadable, or does not fit the model."""
 
 
-def _listing(items: Iterable[str]) -> str:
+def _listing(items: Iterable[str], limit: int = _LISTED) -> str:
     items = list(items)
-    shown = ", ".join(items[:_LISTED])
-    return shown + (f", ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+    shown = ", ".join(items[:limit])
+    return shown + (f", ... and {len(items) - limit} more" if len(items) > limit else "")
 
 
 def read_state_dict(path) -> Dict[str, torch.Tensor]:
@@ -39,7 +39,22 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
     with open(path, "rb") as f:
         head = f.read(64)
     if len(head) > 9 and head[8:10] in (b'{"', b"{'", b"{ ") and int.from_bytes(head[:8], "little") > 1:
-        return _read_safetensors(path)
+        obj = _read_safetensors(path)
+    else:
+        obj = _read_torch_file(path, head)
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{path!r} holds no state_dict (found {type(obj).__name__})")
+    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if not_tensors:
+        raise CheckpointError(f"{path!r} is not a state_dict: entries that are not tensors: {_listing(not_tensors)}")
+    if all(k.startswith("module.") for k in obj):
+        obj = {k[len("module."):]: v for k, v in obj.items()}
+    return dict(obj)
+
+
+def _read_torch_file(path: str, head: bytes):
+    """What torch.save wrote to `path` (whose first bytes are `head`), unwrapped from a
+    'state_dict' or 'model' entry."""
     if not head.startswith((_ZIP_MAGIC, _PICKLE_MAGIC)):
         what = "an empty file" if not head else f"a file starting with {head[:24]!r}"
         if head.lstrip().lower().startswith((b"<!doctype html", b"<html", b"<?xml")):
@@ -59,14 +74,7 @@ def read_state_dict(path) -> Dict[str, torch.Tensor]:
             if isinstance(obj.get(wrapper), dict):
                 obj = obj[wrapper]
                 break
-    if not isinstance(obj, dict) or not obj:
-        raise CheckpointError(f"{path!r} holds no state_dict (found {type(obj).__name__})")
-    not_tensors = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
-    if not_tensors:
-        raise CheckpointError(f"{path!r} is not a state_dict: entries that are not tensors: {_listing(not_tensors)}")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
+    return obj
 
 
 def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
@@ -78,14 +86,9 @@ def _read_safetensors(path: str) -> Dict[str, torch.Tensor]:
         raise CheckpointError(f"{path!r} is a safetensors file: install the safetensors package to read it "
                               "(pip install safetensors)") from e
     try:
-        obj = load_file(path, device="cpu")
+        return load_file(path, device="cpu")
     except Exception as e:
         raise CheckpointError(f"{path!r} is a truncated or corrupt safetensors file: {type(e).__name__}: {e}") from e
-    if not obj:
-        raise CheckpointError(f"{path!r} holds no tensors")
-    if all(k.startswith("module.") for k in obj):
-        obj = {k[len("module."):]: v for k, v in obj.items()}
-    return dict(obj)
 
 
 def _optional_keys(model: nn.Module) -> Set[str]:

@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from . import checkpoint
+
 __all__ = ["DataError", "ClassificationFolder", "SegmentationFolder", "split_folders", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".bmp", ".tif", ".tiff", ".webp")
@@ -45,9 +47,7 @@ class DataError(ValueError):
 
 
 def _listing(items: Sequence[str]) -> str:
-    items = list(items)
-    shown = ", ".join(items[:_LISTED])
-    return shown + (f", ... and {len(items) - _LISTED} more" if len(items) > _LISTED else "")
+    return checkpoint._listing(items, _LISTED)
 
 
 def _folder(path: str, arg: str) -> str:
