@@ -96,18 +96,24 @@ def test_training_step(benchmark, name):
 UNTUNED = [("dla46_c", 8, (128, 128)), ("dla34", 4, (96, 160))]
 
 
-@pytest.mark.parametrize("name, batch, size", UNTUNED, ids=[f"{n}-{b}x{h}x{w}" for n, b, (h, w) in UNTUNED])
-def test_training_step_untuned(benchmark, name, batch, size):
+def _eager_vs_fused_steps(benchmark, group, section, case, make_step, batch):
+    """Training steps of eager and each fused backend in both layouts (`make_step(provider,
+    memory_format)`), timed in interleaved rounds and recorded with the bytes saved for backward."""
     providers = ["eager"] + [f"fused:{b}" for b in bu.fused_backends()]
-    fns = {(layout, p): _step(name, p, memory_format, batch, size)
-           for layout, memory_format in bu.LAYOUTS.items() for p in providers}
-    benchmark.group = f"train step {name} {batch}x{size}"
+    fns = {(layout, p): make_step(p, memory_format) for layout, memory_format in bu.LAYOUTS.items() for p in providers}
+    benchmark.group = group
     times = bu.interleaved(benchmark, fns, 1)
-    case = f"{name} {batch}x3x{size[0]}x{size[1]}"
     for (layout, provider), fn in fns.items():
         bu.select_backend(provider)
-        bu.record("training step, untuned shapes", case, layout, "train step", provider, times[layout, provider],
+        bu.record(section, case, layout, "train step", provider, times[layout, provider],
                   saved=saved_bytes(fn.forward, exclude=fn.exclude), images=batch)
+
+
+@pytest.mark.parametrize("name, batch, size", UNTUNED, ids=[f"{n}-{b}x{h}x{w}" for n, b, (h, w) in UNTUNED])
+def test_training_step_untuned(benchmark, name, batch, size):
+    _eager_vs_fused_steps(benchmark, f"train step {name} {batch}x{size}", "training step, untuned shapes",
+                          f"{name} {batch}x3x{size[0]}x{size[1]}",
+                          lambda p, memory_format: _step(name, p, memory_format, batch, size), batch)
 
 
 # Networks other than DLA whose aggregation chains fuse() finds in a trace (dla_fused.graph_fuse):
@@ -130,16 +136,9 @@ def _timm_step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MOD
 
 @pytest.mark.parametrize("name", OTHER_NETWORKS)
 def test_training_step_other_networks(benchmark, name):
-    providers = ["eager"] + [f"fused:{b}" for b in bu.fused_backends()]
-    fns = {(layout, p): _timm_step(name, p, memory_format)
-           for layout, memory_format in bu.LAYOUTS.items() for p in providers}
-    benchmark.group = f"train step {name} (timm)"
-    times = bu.interleaved(benchmark, fns, 1)
-    case = f"{name} {bu.MODEL_BATCH}x3x{bu.MODEL_IMAGE}x{bu.MODEL_IMAGE}"
-    for (layout, provider), fn in fns.items():
-        bu.select_backend(provider)
-        bu.record("training step, other networks", case, layout, "train step", provider, times[layout, provider],
-                  saved=saved_bytes(fn.forward, exclude=fn.exclude), images=bu.MODEL_BATCH)
+    _eager_vs_fused_steps(benchmark, f"train step {name} (timm)", "training step, other networks",
+                          f"{name} {bu.MODEL_BATCH}x3x{bu.MODEL_IMAGE}x{bu.MODEL_IMAGE}",
+                          lambda p, memory_format: _timm_step(name, p, memory_format), bu.MODEL_BATCH)
 
 
 # (network, batch, image size): classification at 224 px, one image and a batch; the dense
