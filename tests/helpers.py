@@ -44,6 +44,21 @@ def assert_close(actual, expected, what="", rel=None):
     assert err <= rel * scale + floor, f"{what}: max error {err:.3g} > {rel:.1g} x {scale:.3g} + {floor:.0e}"
 
 
+def assert_same_grads_and_buffers(model, ref, what="", rel=None):
+    """Every parameter gradient (where either model has one) and every buffer of `model` against
+    `ref`, matched by name: floating entries with assert_close, the rest exactly."""
+    ref_params = dict(ref.named_parameters())
+    for key, p in model.named_parameters():
+        if p.grad is not None or ref_params[key].grad is not None:
+            assert_close(p.grad, ref_params[key].grad, f"{what}grad {key}", rel=rel)
+    ref_buffers = dict(ref.named_buffers())
+    for key, b in model.named_buffers():
+        if b.is_floating_point():
+            assert_close(b, ref_buffers[key], f"{what}buffer {key}", rel=rel)
+        else:
+            assert torch.equal(b, ref_buffers[key]), key
+
+
 def saved_tensors(fn):
     """(fn(), the tensors autograd saved for backward while fn ran)."""
     saved = []

@@ -10,7 +10,7 @@ import torch
 
 import dla_fused
 from dla_fused.ops.aggregation import AggregationNode
-from helpers import assert_close, assert_within_rule, use_backend
+from helpers import assert_close, assert_same_grads_and_buffers, assert_within_rule, use_backend
 
 
 def _compare(name, size=(32, 32), batch=4, backend_name="cpu", **kwargs):
@@ -28,16 +28,7 @@ def _compare(name, size=(32, 32), batch=4, backend_name="cpu", **kwargs):
         outputs.append(tensors)
     for a, b in zip(*outputs):
         assert_close(b, a, f"{name} output", rel=1e-8)
-    ref_params = dict(ref.named_parameters())
-    for key, p in fused.named_parameters():
-        if p.grad is not None or ref_params[key].grad is not None:
-            assert_close(p.grad, ref_params[key].grad, f"{name} grad {key}", rel=1e-8)
-    ref_buffers = dict(ref.named_buffers())
-    for key, b in fused.named_buffers():
-        if b.is_floating_point():
-            assert_close(b, ref_buffers[key], f"{name} buffer {key}", rel=1e-8)
-        else:
-            assert torch.equal(b, ref_buffers[key]), key
+    assert_same_grads_and_buffers(fused, ref, f"{name} ", rel=1e-8)
 
 
 @pytest.mark.parametrize("name", ["dla34", "dla102x", "dla46x_c"])

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import dla_fused
 from dla_fused import graph_fuse
 from dla_fused.ops.aggregation import AggregationNode
-from helpers import FLOOR, assert_close, assert_within_rule, use_backend
+from helpers import FLOOR, assert_close, assert_same_grads_and_buffers, assert_within_rule, use_backend
 
 timm = pytest.importorskip("timm")
 
@@ -38,17 +38,7 @@ def _compare(ref, fused, x, rel=1e-10, steps=1):
             (out.square().mean() + out.mean()).backward()
             outputs.append(out)
         assert_close(outputs[1], outputs[0], "output", rel=rel)
-    ref_params = dict(ref.named_parameters())
-    for key, p in fused.named_parameters():
-        if p.grad is None and ref_params[key].grad is None:
-            continue
-        assert_close(p.grad, ref_params[key].grad, f"grad {key}", rel=rel)
-    ref_buffers = dict(ref.named_buffers())
-    for key, b in fused.named_buffers():
-        if b.is_floating_point():
-            assert_close(b, ref_buffers[key], f"buffer {key}", rel=rel)
-        else:
-            assert torch.equal(b, ref_buffers[key]), key
+    assert_same_grads_and_buffers(fused, ref, rel=rel)
 
 
 # ---------------------------------------------------------------------------------------------
