@@ -128,7 +128,8 @@ class Tunable:
     TRITON_INTERPRET=1, where autotuning would only cost time; there a size given as an argument's
     name is interpreter_block(that argument). On a GPU the first launch of each bucketed key
     (`bucket_key`) tunes; the winner is pinned in STORE and every later launch of the key, in this
-    run or a later one, launches it directly."""
+    run or a later one, launches it directly. Under the interpreter a caller may pass block sizes
+    itself (aggregation.product_tile)."""
 
     def __init__(self, fn, configs, key, interpreter, dot_tiles=None, **options):
         self.fn, self.configs, self.interpreter, self.dot_tiles = fn, configs, interpreter, dot_tiles
@@ -187,7 +188,8 @@ class Tunable:
 
     def _interpreted_launch(self, grid, args, kwargs):
         named = dict(zip(self.fn.arg_names, args), **kwargs)
-        blocks = {k: interpreter_block(named[v]) if isinstance(v, str) else v for k, v in self.interpreter.items()}
+        blocks = {k: interpreter_block(named[v]) if isinstance(v, str) else v for k, v in self.interpreter.items()
+                  if k not in kwargs}  # a block size the caller passes wins
         return self.fn[grid](*args, **kwargs, **blocks)
 
     def __getitem__(self, grid):

@@ -286,7 +286,7 @@ def _finalize_grid(c_out: int, tiles: int, device):
 
 
 def _gemm(out, xs, weight, shift=None, residual=None, gate=None, act=0, stats=False, affine=None,
-          zero=None, scale=None, store=True, running=None, slope=0.0):
+          zero=None, scale=None, store=True, running=None, slope=0.0, tile=None):
     """out = epilogue(sum_i weight[:, off_i:off_i + C_i] x_i); weight is 2-D (C_out, sum C_i), any
     strides. `act`: the activation (_activate's codes, `slope` LeakyReLU's); `gate`: the residual
     masked by it (slope 0: ReLU's mask). Returns (mean, var) of the pre-epilogue values when stats, else two empty vectors;
@@ -295,7 +295,7 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, act=0, stats=Fa
     the running statistics updated by the finalize. `scale` (with `shift`): BatchNorm of the
     product as the forward applies it. `store` False: statistics only, `out` only gives the shape
     and dtype (it may be an expanded one-element tensor). `zero`: an int32 vector the launch
-    zeroes for the next one (not with stats)."""
+    zeroes for the next one (not with stats). `tile`: block sizes to launch with (product_tile)."""
     acc = acc_dtype(out.dtype)
     n, c_out, h, w = out.shape
     num_pixels = n * h * w
@@ -326,7 +326,7 @@ def _gemm(out, xs, weight, shift=None, residual=None, gate=None, act=0, stats=Fa
         children, HAS_SCALE=scale is not None, HAS_SHIFT=shift is not None, HAS_RESIDUAL=residual is not None,
         GATE=0 if gate is None else 1 if slope == 0 else 2, ACT=act, STATS=stats, STORE=store, CO_FIRST=co_first,
         ACC=TL_DTYPES[acc],
-        DOT=dot, PRECISION=precision)
+        DOT=dot, PRECISION=precision, **(tile or {}))
     if out_view is not out:
         out.copy_(out_view)
     if not stats:
@@ -1001,18 +1001,19 @@ def agg_forward_train(children: List[torch.Tensor], weight: torch.Tensor, bn_wei
     first = children[0]
     shape = (first.shape[0], weight.shape[0], first.shape[2], first.shape[3])
     res = first if residual else None
+    tile = product_tile(*weight.shape)
     if keep_z:
         z = empty_like_format(shape, first)
         mean, var, scale, shift = _gemm(z, children, weight, stats=True, affine=(bn_weight, bn_bias, float(eps)),
-                                        running=running)
+                                        running=running, tile=tile)
         out = torch.empty_like(z)
         _apply(z, out, scale, shift, res)
         return out, mean, var, z
     shape_only = first.new_empty(1).expand(shape)
     mean, var, scale, shift = _gemm(shape_only, children, weight, stats=True, store=False,
-                                    affine=(bn_weight, bn_bias, float(eps)), running=running)
+                                    affine=(bn_weight, bn_bias, float(eps)), running=running, tile=tile)
     out = empty_like_format(shape, first)
-    _gemm(out, children, weight, shift=shift, residual=res, act=1, scale=scale)
+    _gemm(out, children, weight, shift=shift, residual=res, act=1, scale=scale, tile=tile)
     return out, mean, var, None
 
 
@@ -1042,9 +1043,10 @@ def _chained_recomputes(grad_out, children, c_in: int, ci_blocks: int) -> bool:
 def _chained_blocks(c_out: int, c_in: int):
     """(BLOCK_P, BLOCK_CO, BLOCK_CI, num_warps) of the chained backward: every output channel in
     one block, about 8k fp32 values per [BLOCK_P, BLOCK_CO] tile."""
-    block_co = max(16, triton.next_power_of_2(c_out))
     if interpreted():
-        return 16, block_co, 16, 4
+        tile = product_tile(c_out, c_in)
+        return tile["BLOCK_P"], tile["BLOCK_CO"], 16, 4
+    block_co = max(16, triton.next_power_of_2(c_out))
     block_p = max(16, min(64, 8192 // block_co))
     return block_p, block_co, (16 if block_co >= 256 else 32), (8 if block_co >= 256 else 4)
 
@@ -1068,7 +1070,8 @@ def agg_backward_fused(grad_out: torch.Tensor, children: List[torch.Tensor], wei
     dot, precision = dot_types(children[0].dtype, weight.dtype)
     # pass 1: sums, then the vectors; program (output block, split) over about two programs per
     # multiprocessor
-    block_p, block_co = (16, interpreter_block(c_out)) if interpreted() else (64, 64)
+    tile = product_tile(c_out, weight.shape[1])
+    block_p, block_co = (tile["BLOCK_P"], tile["BLOCK_CO"]) if tile else (64, 64)
     co_blocks = triton.cdiv(c_out, block_co)
     tiles = triton.cdiv(num_pixels, block_p)
     splits = min(tiles, 3) if interpreted() else max(1, min(tiles, 2 * num_sms(grad_out.device) // co_blocks))
@@ -1128,3 +1131,15 @@ def _chained_backward(grad_out, children, weight, vectors, mean, z, residual, ma
 def block_k_of(c_in: int) -> int:
     """The K chunk of every product over c_in input channels (GEMM_INTERPRETER's under the interpreter)."""
     return interpreter_block(c_in) if interpreted() else PRODUCT_K
+
+
+def product_tile(c_out: int, c_in: int) -> dict:
+    """Under the interpreter, the block sizes of every product of a training step's z: the
+    forward GEMMs, the backward's sums pass and chained pass (and the IDA-Up step's fused
+    backward) all take the chained pass's tile, every output channel at once, so that a z
+    recomputed in backward is the same NumPy products of the same data as the forward's z, hence
+    its bits whatever BLAS kernel the CPU picks (docs/design.md, section 2). Empty on a GPU, where
+    the forward's blocks are tuned: there recomputed z is only within the bound of section 2."""
+    if not interpreted():
+        return {}
+    return dict(BLOCK_P=16, BLOCK_CO=max(16, triton.next_power_of_2(c_out)), BLOCK_K=block_k_of(c_in))

@@ -13,10 +13,10 @@ import triton.language as tl
 
 from dla_fused.ops.primitives import acc_dtype, upsampled_size
 
-from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, interpreter_block, pixel_view,
+from ._common import (TL_DTYPES, dot_types, empty_like_format, grid, interpreted, pixel_view,
                       round_to, tunable)
 from .aggregation import (MAX_GRID_Y, _backward_vectors, _bn_affine, _chained_backward, _chained_blocks,
-                          _chained_recomputes, _counters, _gemm, _normalize, _product, block_k_of)
+                          _chained_recomputes, _counters, _gemm, _normalize, _product, block_k_of, product_tile)
 
 UPSAMPLE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
                     for p, c, w in ((64, 64, 4), (256, 16, 4), (32, 128, 4), (128, 32, 4), (128, 64, 8))]
@@ -265,7 +265,7 @@ def ida_forward_train(x: torch.Tensor, weight: torch.Tensor, bn_weight: torch.Te
     Returns (out, mean, var); z is not kept (the backward recomputes it)."""
     z = empty_like_format((x.shape[0], weight.shape[0], x.shape[2], x.shape[3]), x)
     mean, var, scale, shift = _gemm(z, [x], weight, stats=True, affine=(bn_weight, bn_bias, float(eps)),
-                                    running=running)
+                                    running=running, tile=product_tile(*weight.shape))
     return ida_upsample(z, scale, shift, up_weight, factor, skip), mean, var
 
 
@@ -288,7 +288,8 @@ def ida_backward_fused(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Te
     grad_p = empty_like_format((n, c, h, w), x)
     dot, precision = dot_types(x.dtype, weight.dtype)
     if interpreted():
-        block_p, block_c, block_s = 16, interpreter_block(c), 16
+        tile = product_tile(c, c_in)
+        block_p, block_c, block_s = tile["BLOCK_P"], tile["BLOCK_CO"], 16
     else:
         # about 8k values per tile at factor 2 (fewer tiles, fewer up-weight partials), fewer at
         # larger factors: the (2f)^2 taps unroll

@@ -12,6 +12,7 @@ the largest reference magnitude.
 """
 import collections
 import os
+import sys
 
 import pytest
 import torch
@@ -20,6 +21,8 @@ from conftest import requires_cuda
 from dla_fused.ops import primitives as P
 
 pytest.importorskip("triton")
+import triton  # noqa: E402
+import triton.language as tl  # noqa: E402
 from dla_fused.kernels import aggregation, ida_up  # noqa: E402
 
 requires_interpreter = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
@@ -340,6 +343,127 @@ def test_recomputed_z_gives_the_same_bits(dtype, residual, monkeypatch):
     for other in results[1:]:
         for a, b in zip(results[0], other):
             assert torch.equal(a, b)
+
+
+_PRODUCT = aggregation._product  # the kernels' own, for the stand-in below
+PERTURBATION = 0.0
+
+
+@triton.jit
+def _perturbed_product(children, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, ACC: tl.constexpr, DOT: tl.constexpr,
+                       PRECISION: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr,
+                       BLOCK_K: tl.constexpr):
+    """A wrong recompute: the kernels' product times (1 + PERTURBATION)."""
+    acc = _PRODUCT(children, w_ptr, sw_k, w_cols, co_ok, n, p, q_ok, ACC, DOT, PRECISION, BLOCK_P, BLOCK_CO, BLOCK_K)
+    return acc * (1.0 + PERTURBATION)
+
+
+def _ulp(v, dtype):
+    """One unit in the last place of dtype at |v| (float64 tensors; at least the smallest normal)."""
+    info = torch.finfo(dtype)
+    return info.eps * torch.exp2(torch.floor(torch.log2(v.abs().clamp_min(info.tiny))))
+
+
+def _recompute_bounds(children, weight, gamma, beta, grad_out, residual, z, mean, var, eps=1e-5):
+    """docs/design.md, section 2: how far a backward whose z is recomputed in another summation order
+    may move from the one that reads the forward's z. Elementwise bounds (float64) on each
+    gradient, in the order of flat(agg_backward_fused's result), and the number of outputs whose
+    ReLU mask may flip. Sums in the accumulation type (unit u) of any order: |error| <= gamma_n
+    times the sum of the magnitudes (gamma_n = n u / (1 - n u)); a value rounded to the storage
+    dtype moves by at most one more of its ulps."""
+    storage = z.dtype
+    u = torch.finfo(P.acc_dtype(storage)).eps / 2
+    gamma_n = lambda n: n * u / (1 - n * u)  # noqa: E731
+    rounds = (lambda v: _ulp(v, storage)) if storage != P.acc_dtype(storage) else (lambda v: 0 * v)
+    xs = [c.double() for c in children]
+    x, w, g, zf = torch.cat(xs, 1), weight.double(), grad_out.double(), z.double()
+    n, c_out, h, w_ = zf.shape
+    count = n * h * w_
+    per_channel = lambda t: t[None, :, None, None]  # noqa: E731
+    total = lambda t: t.sum(dim=(0, 2, 3))  # noqa: E731
+    mean, var = mean.double(), var.double()
+    sigma = (var + eps).sqrt()
+    scale, shift = gamma.double() / sigma, beta.double() - mean * gamma.double() / sigma
+    res = xs[0] if residual else torch.zeros_like(zf)
+    # the product: terms |w| |x|, summed in another order, then rounded to the storage dtype
+    terms = torch.einsum("oi,nihw->nohw", w.abs(), x.abs())
+    dz_acc = 2 * gamma_n(x.shape[1]) * terms
+    delta_z = dz_acc + rounds(zf.abs() + dz_acc)
+    pre = zf * per_channel(scale) + per_channel(shift) + res
+    band = pre.abs() <= (per_channel(scale.abs()) * delta_z
+                         + 4 * u * ((zf * per_channel(scale)).abs() + per_channel(shift.abs()) + res.abs()))
+    mask = (pre > 0) | band  # every output whose g may count
+    centred = (zf - per_channel(mean)).abs()
+    # the sums pass: sum g and sum g (z - mean) over masked outputs
+    d_sum_g = total(g.abs() * band) + 2 * gamma_n(count) * total(g.abs() * mask)
+    d_sum_gz = (total(g.abs() * band * (centred + delta_z)) + total(g.abs() * mask * delta_z)
+                + 2 * gamma_n(count + 2) * total(g.abs() * mask * (centred + delta_z)))
+    sum_g, sum_gz = total(g * (pre > 0)), total(g * (pre > 0) * (zf - per_channel(mean)))
+    z_coef, bias = -scale * sum_gz / ((var + eps) * count), -scale * sum_g / count
+    d_z_coef = scale.abs() * d_sum_gz / ((var + eps) * count) + 4 * u * z_coef.abs()
+    d_bias = scale.abs() * d_sum_g / count + 4 * u * bias.abs()
+    # dz per output, as the chained pass forms and rounds it
+    dz_max = (per_channel(scale.abs()) * g.abs() + per_channel(z_coef.abs() + d_z_coef) * (centred + delta_z)
+              + per_channel(bias.abs() + d_bias))
+    d_dz = (per_channel(scale.abs()) * g.abs() * band + per_channel(d_z_coef) * (centred + delta_z)
+            + per_channel(z_coef.abs()) * delta_z + per_channel(d_bias) + 6 * u * dz_max)
+    d_dz = d_dz + rounds(dz_max + d_dz)
+    dx_max = torch.einsum("nohw,oi->nihw", dz_max, w.abs())
+    d_dx = torch.einsum("nohw,oi->nihw", d_dz, w.abs()) + 2 * gamma_n(c_out) * dx_max
+    widths = [c.shape[1] for c in children]
+    grads, dx_max = list(d_dx.split(widths, 1)), list(dx_max.split(widths, 1))
+    if residual:  # the residual's g, through its mask
+        grads[0], dx_max[0] = grads[0] + g.abs() * band, dx_max[0] + g.abs()
+    grads = [b + rounds(m + b) for b, m in zip(grads, dx_max)]
+    d_dw = (torch.einsum("nohw,nihw->oi", d_dz, x.abs())
+            + 2 * gamma_n(count) * torch.einsum("nohw,nihw->oi", dz_max, x.abs()))
+    d_dw = d_dw + rounds(torch.einsum("nohw,nihw->oi", dz_max, x.abs()) + d_dw)
+    d_gamma = d_sum_gz / sigma + 4 * u * (sum_gz.abs() + d_sum_gz) / sigma
+    return grads + [d_dw, d_gamma, d_sum_g], int(band.sum())
+
+
+def _assert_within_recompute_bounds(exact, other, bounds, what):
+    for i, (a, b, bound) in enumerate(zip(exact, other, bounds)):
+        excess = ((b.double() - a.double()).abs() - bound).max().item()
+        assert excess <= 0, f"{what}: gradient {i} moved past its bound by {excess:.3g}"
+
+
+@requires_interpreter
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_recomputed_z_in_another_order_stays_within_the_bound(dtype, residual, monkeypatch):
+    """What a GPU may do (docs/design.md, section 2): z recomputed in backward with its terms
+    summed in another order (here another K chunk, 32 instead of 16: other roundings on any CPU)
+    instead of the forward's. ReLU masks may then flip only inside the band of outputs within
+    rounding of zero, and every gradient stays within _recompute_bounds of the backward that
+    reads the kept z. The bound is a worst case (n u times the sum of the terms' magnitudes):
+    reordered sums use well under 1% of it on random data, so what it catches is a recompute
+    that is really wrong, z off by 2^-11 of itself in float32 or 4 of its ulps in bfloat16."""
+    torch.manual_seed(3)
+    children, weight, gamma, beta, grad_out = _train_args("7-mixed", dtype, torch.device("cpu"), residual,
+                                                          h=9, w=11)
+    out, mean, var, z = aggregation.agg_forward_train(children, weight, gamma, beta, 1e-5, residual, True)
+
+    def backward(chained, keep_z):
+        monkeypatch.setattr(aggregation, "CHAINED_RECOMPUTE", chained)
+        return flat(aggregation.agg_backward_fused(grad_out, children, weight, gamma, beta, mean, var, 1e-5,
+                                                   residual, z if keep_z else None))
+    exact = backward(False, True)
+    bounds, in_band = _recompute_bounds(children, weight, gamma, beta, grad_out, residual, z, mean, var)
+    assert in_band < out.numel() // 100  # the band is a sliver of the outputs
+    monkeypatch.setattr(aggregation, "block_k_of", lambda c_in: 32)
+    chained, both = backward(True, True), backward(True, False)
+    if dtype == torch.float32:  # (bfloat16's rounding of z hides the other order almost everywhere)
+        assert any(not torch.equal(a, b) for a, b in zip(exact, both)), "the other order changed nothing"
+    for a, b in zip(exact[-2:], chained[-2:]):  # the sums pass read z: grad gamma and beta unchanged
+        assert torch.equal(a, b)
+    _assert_within_recompute_bounds(exact, chained, bounds, "chained pass recomputing")
+    _assert_within_recompute_bounds(exact, both, bounds, "both passes recomputing")
+
+    monkeypatch.setattr(sys.modules[__name__], "PERTURBATION", {torch.float32: 2**-11, torch.bfloat16: 2**-5}[dtype])
+    monkeypatch.setattr(aggregation, "_product", _perturbed_product)
+    with pytest.raises(AssertionError, match="moved past its bound"):
+        _assert_within_recompute_bounds(exact, backward(True, False), bounds, "perturbed recompute")
 
 
 @requires_interpreter
