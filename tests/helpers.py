@@ -31,6 +31,24 @@ def assert_within_rule(actual, reference64, same_dtype, what=""):
     assert err <= bound, f"{what}: error {err:.3g} > bound {bound:.3g} (PyTorch same-dtype error {base:.3g})"
 
 
+def assert_results_within_rule(fused, truth, same):
+    """Each result (output, gradients by name, running statistics) of `fused` against the float64
+    `truth`, with `same` (the reference on the same inputs) setting the allowed error."""
+    (out, grads, bufs), (ref, ref_grads, ref_bufs), (same_out, same_grads, same_bufs) = fused, truth, same
+    assert_within_rule(out, ref, same_out, "output")
+    for name in ref_grads:
+        assert_within_rule(grads[name], ref_grads[name], same_grads[name], f"gradient {name}")
+    for key in ("running_mean", "running_var"):
+        assert_within_rule(bufs[key], ref_bufs[key], same_bufs[key], key)
+
+
+def named_grads(result, n_children):
+    """An aggregation node's (output, gradients, buffers) with the gradients named."""
+    out, grads, bufs = result
+    names = [f"children[{i}]" for i in range(n_children)] + ["weight", "bn_weight", "bn_bias"]
+    return out, dict(zip(names, grads)), bufs
+
+
 def assert_close(actual, expected, what="", rel=None):
     """Max-norm comparison relative to the largest expected value, with a per-dtype tolerance and
     an absolute floor (for results that cancel to nearly zero, e.g. BatchNorm over 2 values)."""

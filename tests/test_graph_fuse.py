@@ -14,7 +14,10 @@ import torch.nn.functional as F
 import dla_fused
 from dla_fused import graph_fuse
 from dla_fused.ops.aggregation import AggregationNode
-from helpers import FLOOR, assert_close, assert_same_grads_and_buffers, assert_within_rule, use_backend
+from helpers import (FLOOR, assert_close, assert_results_within_rule, assert_same_grads_and_buffers,
+                     assert_within_rule, named_grads, use_backend)
+
+import test_aggregation as agg
 
 timm = pytest.importorskip("timm")
 
@@ -347,14 +350,55 @@ def test_timm_network_float64(name):
         assert_close(fused(x), ref(x), "eval output")
 
 
+def _node_inputs(model, x):
+    """What each graph-fused node of `model` meets in one training forward on x:
+    (children, params, buffers, residual, activation, negative_slope), copied before the call."""
+    seen = []
+
+    def grab(node, args):
+        children = args[0] if len(args) == 1 and isinstance(args[0], (list, tuple)) else args
+        params = dict(weight=node.conv.weight, bn_weight=node.bn.weight, bn_bias=node.bn.bias)
+        seen.append(([c.detach().clone() for c in children], {k: v.detach().clone() for k, v in params.items()},
+                     {k: b.clone() for k, b in node.bn.named_buffers()}, node.residual, node.activation,
+                     node.negative_slope))
+    hooks = [node.register_forward_pre_hook(grab) for node in graph_fuse.graph_nodes(model)]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+# Networks whose float32 gradients, in training mode at these sizes, are noise at the 1e-3 level:
+# each gradient tensor's error against float64 is a draw whose spread no 2x rule can bound.
+# cspdarknet53 (seeds 0-11, 2 x 3 x 64 x 64): the forward's error grows from 5e-7 at the stem to
+# 2e-4 at stage 4 (BatchNorms over 8 values), and eager channels_last against eager NCHW breaks the
+# per-tensor rule in 11 of 12 seeds, by up to 67x; the fused model breaks it in 5, by up to 12x,
+# yet its errors are the smaller of the two draws (per tensor, log10 of error over eager NCHW's:
+# 90th percentile +0.59 fused, +1.75 channels_last; with oneDNN, MKL and ATen held to AVX2, +0.77
+# and +0.72). Its float32 check is therefore per fused node, at the node's own inputs.
+CHAOTIC = {"cspdarknet53"}
+
+
 @pytest.mark.parametrize("name", ["hgnetv2_b0", "ese_vovnet19b_dw", "cspdarknet53", "cs3darknet_s"])
 def test_timm_network_float32_within_rule(name):
+    """float32 by the rule against the float64 network: the output, every fused node at the inputs
+    the network gives it (output, every gradient, running statistics), and, where the network's
+    float32 gradients are not noise (CHAOTIC), every parameter gradient of the whole network."""
     use_backend("cpu")
     torch.manual_seed(1)
     truth = _fresh(timm.create_model(name, pretrained=False, num_classes=7))
     eager = copy.deepcopy(truth).float()
     fused = dla_fused.fuse(copy.deepcopy(truth).float())
     x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    nodes = _node_inputs(dla_fused.fuse(copy.deepcopy(truth)), x)
+    assert len(nodes) == TIMM[name][0]
+    for children, params, buffers, residual, act, slope in nodes:
+        low = [c.float() for c in children]
+        low_params = {k: v.float() for k, v in params.items()}
+        low_buffers = {k: v.float() if v.is_floating_point() else v for k, v in buffers.items()}
+        ours, same = agg.run_both(low, low_params, low_buffers, True, residual, activation=act, negative_slope=slope)
+        _, exact = agg.run_both(children, params, buffers, True, residual, activation=act, negative_slope=slope)
+        assert_results_within_rule(*(named_grads(r, len(children)) for r in (ours, exact, same)))
     results = []
     for model, inp in ((truth, x), (eager, x.float()), (fused, x.float())):
         out = model(inp)
@@ -362,6 +406,8 @@ def test_timm_network_float32_within_rule(name):
         results.append((out, {k: p.grad for k, p in model.named_parameters()}))
     (out64, g64), (out32, g32), (outf, gf) = results
     assert_within_rule(outf, out64, out32, f"{name} output")
+    if name in CHAOTIC:
+        return
     # Gradients: the rule per tensor, its floor relative to the largest gradient of the model
     # (a bias in front of a BatchNorm has a true gradient of ~0, so its own scale means nothing).
     scale = max(g.abs().max().item() for g in g64.values())

@@ -21,7 +21,7 @@ from conftest import requires_cuda
 from dla_fused import backend
 from dla_fused.ops.aggregation import aggregation_node
 from dla_fused.ops.ida_up import ida_up
-from helpers import assert_within_rule
+from helpers import assert_results_within_rule, assert_within_rule, named_grads
 
 import test_aggregation as agg
 import test_ida_up as ida
@@ -61,27 +61,10 @@ def _wide(t):
     return t.detach().double() if t is not None and t.is_floating_point() else t
 
 
-def _assert_results_within_rule(fused, truth, same):
-    """Each result (output, gradients, running statistics) of `fused` against the float64 `truth`,
-    with `same` (the reference on the same inputs) setting the allowed error."""
-    (out, grads, bufs), (ref, ref_grads, ref_bufs), (same_out, same_grads, same_bufs) = fused, truth, same
-    assert_within_rule(out, ref, same_out, "output")
-    for name in ref_grads:
-        assert_within_rule(grads[name], ref_grads[name], same_grads[name], f"gradient {name}")
-    for key in ("running_mean", "running_var"):
-        assert_within_rule(bufs[key], ref_bufs[key], same_bufs[key], key)
-
-
 def _fast_gradcheck(device):
     """On the CPU a random projection of the Jacobian only: the full gradchecks of the CPU backends
     are in test_aggregation.py and test_ida_up.py, and the Triton interpreter is too slow for two."""
     return device == "cpu"
-
-
-def _named_grads(result, n_children):
-    out, grads, bufs = result
-    names = [f"children[{i}]" for i in range(n_children)] + ["weight", "bn_weight", "bn_bias"]
-    return out, dict(zip(names, grads)), bufs
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -96,7 +79,7 @@ def test_aggregation_node(device, dtype, channels_last, training, residual):
     fused, same = agg.run_both(low, low_params, buffers, training, residual)
     _, truth = agg.run_both([_wide(c) for c in children], {k: _wide(v) for k, v in params.items()},
                             {k: _wide(v) for k, v in buffers.items()}, training, residual)
-    _assert_results_within_rule(*(_named_grads(r, len(children)) for r in (fused, truth, same)))
+    assert_results_within_rule(*(named_grads(r, len(children)) for r in (fused, truth, same)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -111,7 +94,7 @@ def test_aggregation_node_activations(device, dtype, activation, training):
     fused, same = agg.run_both(low, low_params, buffers, training, True, **kwargs)
     _, truth = agg.run_both([_wide(c) for c in children], {k: _wide(v) for k, v in params.items()},
                             {k: _wide(v) for k, v in buffers.items()}, training, True, **kwargs)
-    _assert_results_within_rule(*(_named_grads(r, len(children)) for r in (fused, truth, same)))
+    assert_results_within_rule(*(named_grads(r, len(children)) for r in (fused, truth, same)))
 
 
 def test_aggregation_float64_and_gradcheck(device):
@@ -154,7 +137,7 @@ def test_ida_up(device, dtype, factor, channels_last, training):
     fused, same = ida.run_both(low, buffers, factor, training)
     _, truth = ida.run_both({k: _wide(v) for k, v in args.items()}, {k: _wide(v) for k, v in buffers.items()},
                             factor, training)
-    _assert_results_within_rule(fused, truth, same)
+    assert_results_within_rule(fused, truth, same)
 
 
 @pytest.mark.parametrize("proj", [True, False], ids=["proj", "identity"])
