@@ -20,8 +20,9 @@ def autotune_enabled() -> bool:
 
 def interpreter_block(extent: int) -> int:
     """Interpreter block size for a dimension of `extent`: 16 (many ragged tiles in small tests),
-    128 above 64 (the interpreter pays per program, not per element)."""
-    return 16 if extent <= 64 else 128
+    above 64 the power of two at or above it, at most 512 (the interpreter pays per program and
+    per operation, hardly per element)."""
+    return 16 if extent <= 64 else min(512, triton.next_power_of_2(extent))
 
 
 def _triton_version():

@@ -275,7 +275,7 @@ def _finalize_grid(c_out: int, tiles: int, device):
     about two programs per multiprocessor, each over at least 32 tiles (3 chunks at most under
     the interpreter, to exercise the merge)."""
     if interpreted():
-        block_c, block_t = 16, 16
+        block_c, block_t = interpreter_block(c_out), 16
         blocks = triton.cdiv(c_out, block_c)
         chunks, per = split(tiles, 3)
     else:
@@ -540,7 +540,7 @@ def bn_affine(bn_weight: torch.Tensor, bn_bias: torch.Tensor, mean: torch.Tensor
     """(scale, shift) of BatchNorm with statistics (mean, var), in one launch."""
     c = mean.numel()
     out = mean.new_empty((2, c))
-    block_c = 16 if interpreted() else 128
+    block_c = interpreter_block(c) if interpreted() else 128
     _affine_kernel[(triton.cdiv(c, block_c),)](bn_weight, bn_bias, mean, var, float(eps), c, out,
                                                ACC=TL_DTYPES[mean.dtype], BLOCK_C=block_c)
     return out[0], out[1]
@@ -576,7 +576,7 @@ def agg_backward_coefficients(grad_out: torch.Tensor, out: Optional[torch.Tensor
     c = z.shape[1]
     grad_gamma, grad_beta = z.new_empty(c, dtype=mean.dtype), z.new_empty(c, dtype=mean.dtype)
     vectors = z.new_empty((3, c), dtype=mean.dtype)
-    block_s, block_c = (16, 16) if interpreted() else (32, 64)
+    block_s, block_c = (16, interpreter_block(c)) if interpreted() else (32, 64)
     _coefficients_kernel[(triton.cdiv(c, block_c),)](
         part, part.shape[1], var, bn_weight, float(eps), float(count), c, grad_gamma, grad_beta, vectors,
         BATCH_STATS=batch_stats, ACC=TL_DTYPES[mean.dtype], BLOCK_S=block_s, BLOCK_C=block_c)
@@ -1045,7 +1045,7 @@ def _chained_blocks(c_out: int, c_in: int):
     one block, about 8k fp32 values per [BLOCK_P, BLOCK_CO] tile."""
     if interpreted():
         tile = product_tile(c_out, c_in)
-        return tile["BLOCK_P"], tile["BLOCK_CO"], 16, 4
+        return tile["BLOCK_P"], tile["BLOCK_CO"], interpreter_block(c_in), 4
     block_co = max(16, triton.next_power_of_2(c_out))
     block_p = max(16, min(64, 8192 // block_co))
     return block_p, block_co, (16 if block_co >= 256 else 32), (8 if block_co >= 256 else 4)

@@ -23,7 +23,7 @@ UPSAMPLE_CONFIGS = [triton.Config({"BLOCK_P": p, "BLOCK_C": c}, num_warps=w)
 # BLOCK_P is the same in every backward config: it sets the number of up_weight-gradient partials.
 BACKWARD_CONFIGS = [triton.Config({"BLOCK_P": 64, "BLOCK_C": c}, num_warps=w)
                     for c, w in ((16, 4), (32, 4), (64, 4), (64, 8))]
-INTERPRETER = dict(BLOCK_P=16, BLOCK_C="channels")  # backward; the forward has f x f times more pixels
+INTERPRETER = dict(BLOCK_P=32, BLOCK_C="channels")  # backward; the forward has f x f times more pixels
 
 
 @triton.jit
@@ -50,7 +50,7 @@ def _coordinates(q, height, width):
 
 
 @tunable(UPSAMPLE_CONFIGS, key=["num_pixels", "channels", "factor", "so_c"],
-         interpreter=dict(INTERPRETER, BLOCK_P=64))
+         interpreter=dict(INTERPRETER, BLOCK_P=256))
 @triton.jit(do_not_specialize=["num_pixels"])
 def _upsample_kernel(out_ptr, so_n, so_c, so_h, so_w, z_ptr, sz_n, sz_c, sz_h, sz_w, scale_ptr, shift_ptr,
                      u_ptr, su_c, su_h, su_w, skip_ptr, sk_n, sk_c, sk_h, sk_w,
