@@ -9,6 +9,42 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+
+def _interpret_device_calls_without_repatching():
+    """Triton's interpreter patches triton.language again on every call of a @triton.jit helper
+    from a kernel (inspect.getmembers over the language modules: about a sixth of an interpreted
+    test's time), although the running kernel's launch has patched it already. Such a call skips
+    the patching when the helper sees no language module the kernel does not (then it would patch
+    exactly what is patched). Tests only; without these interpreter internals nothing changes."""
+    from triton.runtime import interpreter as it
+    if not all(hasattr(it, name) for name in ("GridExecutor", "InterpretedFunction", "InterpreterError", "tl")):
+        return
+    running = []
+
+    def languages(fn):
+        return frozenset(id(v) for v in fn.__globals__.values() if v is it.tl or v is it.tl.core)
+    launch, device_call = it.GridExecutor.__call__, it.InterpretedFunction.__call__
+
+    def launch_tracked(self, *args, **kwargs):
+        running.append(languages(self.fn))
+        try:
+            return launch(self, *args, **kwargs)
+        finally:
+            running.pop()
+
+    def device_call_unpatched(self, *args, **kwargs):
+        if not running or not languages(self.fn) <= running[-1]:
+            return device_call(self, *args, **kwargs)
+        try:
+            return self.rewrite()(*args, **kwargs)
+        except Exception as e:
+            raise it.InterpreterError(repr(e)) from e
+    it.GridExecutor.__call__, it.InterpretedFunction.__call__ = launch_tracked, device_call_unpatched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    _interpret_device_calls_without_repatching()
+
 # torch.compile's on-disk caches key a compiled backward on the forward graph, which does not
 # change when one of this package's custom ops changes its backward: a cache left by an older
 # checkout would serve a stale backward. The tests compile into a directory of their own.

@@ -13,6 +13,24 @@ CPU_BACKENDS = ("reference", "cpu", "triton")
 FLOOR = {torch.float64: 1e-12, torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 
 
+def gradcheck(fn, inputs, backend_name: str) -> bool:
+    """torch.autograd.gradcheck in float64: every Jacobian entry for the C++ and reference
+    backends; for Triton under the interpreter, where every call costs seconds, PyTorch's fast mode
+    (v^T J u against its finite difference for random u, v: a wrong entry anywhere changes it,
+    with probability 1), undefined output gradients included in both."""
+    fast = backend_name == "triton" and backend.triton_interpreted()
+    return torch.autograd.gradcheck(fn, tuple(inputs), fast_mode=fast)
+
+
+def opcheck_utils(backend_name: str):
+    """torch.library.opcheck's checks for a backend: all of them for the C++ and reference
+    backends; for Triton under the interpreter all but the compiled-graph one
+    (test_aot_dispatch_dynamic, which compiles the op's fake and autograd registration, the same
+    for every backend, and runs it on the kernels several times over)."""
+    checks = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+    return checks[:-1] if backend_name == "triton" and backend.triton_interpreted() else checks
+
+
 def use_backend(name: str) -> None:
     reasons = backend.not_supported_reasons(name, "cpu") if name != "reference" else []
     assert not reasons, f"backend {name} must be usable on CPU here: {reasons}"

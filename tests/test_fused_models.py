@@ -114,12 +114,16 @@ def test_autocast_and_channels_last_through_fused_model(dtype):
 
 def test_compile_a_fused_model():
     """torch.compile over a whole fused model (float64, see the module docstring) gives the
-    eager fused model's outputs and gradients."""
+    eager fused model's outputs and gradients: Dynamo and AOTAutograd over every fused op of the
+    model (fake kernels, autograd, the running statistics' mutation). The backend is aot_eager:
+    Inductor's code generation for the rest of the network takes a minute here and is PyTorch's
+    own; Inductor over the fused ops runs in test_aggregation.py, test_ida_up.py and
+    test_graph_fuse.py."""
     use_backend("cpu")
     torch.manual_seed(0)
     model = dla_fused.create_model("dla46_c", num_classes=4).double()
     eager = copy.deepcopy(model)
-    compiled = torch.compile(model)
+    compiled = torch.compile(model, backend="aot_eager")
     x = torch.randn(4, 3, 32, 32, dtype=torch.float64)
     out, ref = compiled(x), eager(x)
     assert_close(out, ref, "compiled fused model", rel=1e-8)

@@ -1,5 +1,7 @@
 """The training entry point: equivalence of fused and reference training, exact resume,
 synchronised DDP, command-line behaviour."""
+import contextlib
+import io
 import json
 import os
 import socket
@@ -199,6 +201,21 @@ def _cli(*args, timeout=600):
                           timeout=timeout, env=env)
 
 
+def _cli_in_process(*args):
+    """`python -m dla_fused ARGS` run by its main() in this process (no interpreter start-up, no
+    second import of torch): return code, stdout and stderr as _cli gives them."""
+    from dla_fused.__main__ import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's errors, and sys.exit(message) as Python reports it
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
 @pytest.mark.parametrize("extra", [
     ["--model", "dla34", "--amp", "bf16", "--channels-last"],
     ["--model", "dla46_c", "--reference"],
@@ -206,8 +223,10 @@ def _cli(*args, timeout=600):
     ["--task", "seg", "--model", "centernet_dla34"],
 ], ids=["cls-amp-cl", "cls-reference", "seg-dla34up", "seg-centernet"])
 def test_cli_smoke(tmp_path, extra):
-    r = _cli("train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "32",
-             "--num-samples", "16", "--out", str(tmp_path), *extra)
+    """Each case through main() in this process; the first also as `python -m dla_fused`."""
+    run = _cli if "--amp" in extra else _cli_in_process
+    r = run("train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "32",
+            "--num-samples", "16", "--out", str(tmp_path), *extra)
     assert r.returncode == 0, r.stderr[-2000:]
     summary = json.loads(r.stdout.strip().splitlines()[-1])
     assert summary["steps"] == 2 and summary["metric"] is not None
@@ -216,13 +235,15 @@ def test_cli_smoke(tmp_path, extra):
 
 
 def test_cli_rejects_bad_arguments(tmp_path):
-    r = _cli("train", "--model", "resnet50", "--out", str(tmp_path))
-    assert r.returncode != 0 and "unknown" in r.stderr
-    r = _cli("train", "--image-size", "50", "--out", str(tmp_path))
+    """Through main() in this process; the first case also as `python -m dla_fused`."""
+    for run in (_cli, _cli_in_process):
+        r = run("train", "--model", "resnet50", "--out", str(tmp_path))
+        assert r.returncode != 0 and "unknown" in r.stderr
+    r = _cli_in_process("train", "--image-size", "50", "--out", str(tmp_path))
     assert r.returncode != 0 and "multiple of 32" in r.stderr
-    r = _cli("train", "--task", "seg", "--model", "dla34", "--out", str(tmp_path))
+    r = _cli_in_process("train", "--task", "seg", "--model", "dla34", "--out", str(tmp_path))
     assert r.returncode != 0 and "dense model" in r.stderr
     corrupt = tmp_path / "last.pt"
     corrupt.write_bytes(b"PK\x03\x04 truncated")
-    r = _cli("train", "--resume", str(corrupt), "--out", str(tmp_path))
+    r = _cli_in_process("train", "--resume", str(corrupt), "--out", str(tmp_path))
     assert r.returncode == 2 and "truncated or corrupt" in r.stderr

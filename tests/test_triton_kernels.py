@@ -314,35 +314,29 @@ def _train_args(case, dtype, device, residual, h=H, w=W):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", CHILDREN)
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-@pytest.mark.parametrize("recompute", ["kept", "chained", "both"])
-def test_fused_training_path(device, dtype, case, residual, recompute, monkeypatch):
+def test_fused_training_path(device, dtype, case, residual, monkeypatch):
     """The forward in three launches and the backward in two against the reference primitives'
-    composition, with z kept (the chained pass reading it, or recomputing it) or recomputed in
-    both passes; odd sizes, mixed layouts, a residual."""
+    composition, with z kept (the chained pass reading it, or on a GPU also recomputing it) or
+    recomputed in both passes; odd sizes, mixed layouts, a residual. Under the interpreter the recomputing runs
+    are the kept one bit for bit (one tile for every product: docs/design.md, section 2), so the
+    recomputed ReLU mask is the forward's; on a GPU each meets the rule on its own."""
     args = _train_args(case, dtype, device, residual)
-    monkeypatch.setattr(aggregation, "CHAINED_RECOMPUTE", recompute == "chained")
-    ours = flat(_train_step_fused(*args, residual, keep_z=recompute != "both"))
     same = flat(_train_step_primitives(*args, residual))
     ref64 = flat(_train_step_primitives(*to64(args), residual))
-    compare("fused training path", ours, same, ref64, dtype)
-
-
-@requires_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
-def test_recomputed_z_gives_the_same_bits(dtype, residual, monkeypatch):
-    """z recomputed in backward (the ReLU mask from it, not from the output) is the forward's z
-    bit for bit: reading the kept z, recomputing it in the chained pass, or in both passes give
-    identical results; and a second run repeats them (the split merges run in a fixed order)."""
-    torch.manual_seed(3)
-    args = _train_args("7-mixed", dtype, torch.device("cpu"), residual, h=9, w=11)
-    results = []
-    for chained, keep_z in ((False, True), (True, True), (True, False), (True, False)):
+    # (mode, the chained pass recomputes, z kept). Under the interpreter "chained" would repeat
+    # kept's sums pass and both's chained pass, kernel for kernel: only a GPU runs it.
+    modes = [("kept", False, True), ("both", True, False)] + ([("chained", True, True)] if device.type == "cuda" else [])
+    runs = {}
+    for mode, chained, keep_z in modes:
         monkeypatch.setattr(aggregation, "CHAINED_RECOMPUTE", chained)
-        results.append(flat(_train_step_fused(*args, residual, keep_z)))
-    for other in results[1:]:
-        for a, b in zip(results[0], other):
-            assert torch.equal(a, b)
+        runs[mode] = flat(_train_step_fused(*args, residual, keep_z=keep_z))
+    compare("fused training path", runs["kept"], same, ref64, dtype)
+    for mode in list(runs)[1:]:
+        if device.type == "cpu":
+            for i, (a, b) in enumerate(zip(runs["kept"], runs[mode])):
+                assert torch.equal(a, b), f"{mode}: result {i} differs from the kept-z run's"
+        else:
+            compare(f"fused training path, {mode}", runs[mode], same, ref64, dtype)
 
 
 _PRODUCT = aggregation._product  # the kernels' own, for the stand-in below
@@ -429,8 +423,8 @@ def _assert_within_recompute_bounds(exact, other, bounds, what):
 
 
 @requires_interpreter
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+@pytest.mark.parametrize("dtype, residual", [(torch.float32, False), (torch.bfloat16, True)],
+                         ids=["float32-plain", "bfloat16-residual"])
 def test_recomputed_z_in_another_order_stays_within_the_bound(dtype, residual, monkeypatch):
     """What a GPU may do (docs/design.md, section 2): z recomputed in backward with its terms
     summed in another order (here another K chunk, 32 instead of 16: other roundings on any CPU)
@@ -438,10 +432,10 @@ def test_recomputed_z_in_another_order_stays_within_the_bound(dtype, residual, m
     rounding of zero, and every gradient stays within _recompute_bounds of the backward that
     reads the kept z. The bound is a worst case (n u times the sum of the terms' magnitudes):
     reordered sums use well under 1% of it on random data, so what it catches is a recompute
-    that is really wrong, z off by 2^-11 of itself in float32 or 4 of its ulps in bfloat16."""
+    that is really wrong, z off by 2^-11 of itself in float32 or 4 of its ulps in bfloat16. A
+    second run repeats the first bit for bit (the split merges run in a fixed order)."""
     torch.manual_seed(3)
-    children, weight, gamma, beta, grad_out = _train_args("7-mixed", dtype, torch.device("cpu"), residual,
-                                                          h=9, w=11)
+    children, weight, gamma, beta, grad_out = _train_args("7-mixed", dtype, torch.device("cpu"), residual)
     out, mean, var, z = aggregation.agg_forward_train(children, weight, gamma, beta, 1e-5, residual, True)
 
     def backward(chained, keep_z):
@@ -453,6 +447,8 @@ def test_recomputed_z_in_another_order_stays_within_the_bound(dtype, residual, m
     assert in_band < out.numel() // 100  # the band is a sliver of the outputs
     monkeypatch.setattr(aggregation, "block_k_of", lambda c_in: 32)
     chained, both = backward(True, True), backward(True, False)
+    for a, b in zip(both, backward(True, False)):  # a second run repeats the first: merges in fixed order
+        assert torch.equal(a, b)
     if dtype == torch.float32:  # (bfloat16's rounding of z hides the other order almost everywhere)
         assert any(not torch.equal(a, b) for a, b in zip(exact, both)), "the other order changed nothing"
     for a, b in zip(exact[-2:], chained[-2:]):  # the sums pass read z: grad gamma and beta unchanged
@@ -498,8 +494,9 @@ IDA_VARIANTS = {"bn-skip": (True, True, "nchw", "cl"), "plain": (False, False, "
                 "bn-cl": (True, False, "cl", None)}
 
 
-def ida_args(dtype, device, factor, variant, c=None, h=7, w=5):
-    c = c or (20 if factor != 8 else 6)  # the interpreter is slow on the many pixels of f = 8
+def ida_args(dtype, device, factor, variant, c=None, h=None, w=None):
+    # the interpreter is slow on the many taps and pixels of f = 8: fewer channels, one coarse tile
+    c, h, w = c or (20 if factor != 8 else 6), h or (7 if factor != 8 else 3), w or (5 if factor != 8 else 2)
     bn, skip, layout, skip_layout = IDA_VARIANTS[variant]
     z = activation((N, c, h, w), dtype, device, layout)
     up = None if factor is None else torch.rand(c, 1, 2 * factor, 2 * factor, device=device).to(dtype)
@@ -525,29 +522,36 @@ def _ida_step_primitives(x, weight, gamma, beta, up, factor, skip, grad_out, eps
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("factor", [None, 2, 4])
 @pytest.mark.parametrize("layout", ["nchw", "cl"])
-@pytest.mark.parametrize("chained", ["recompute", "stored z"])
-def test_fused_ida_training_path(device, dtype, factor, layout, chained, monkeypatch):
+def test_fused_ida_training_path(device, dtype, factor, layout, monkeypatch):
     """The projected step in three launches forward (running statistics in the finalize) and
-    two backward against the reference primitives' composition; z recomputed by the chained pass
-    or stored by the first backward pass; odd sizes, a skip in the other layout."""
-    monkeypatch.setattr(aggregation, "CHAINED_RECOMPUTE", chained == "recompute")
+    two backward against the reference primitives' composition; z stored by the first backward
+    pass, or recomputed by the chained pass (under the interpreter the same bits: one tile for
+    every product); odd sizes, a skip in the other layout."""
     c_in, c = 11, 20
-    x = activation((N, c_in, 7, 5), dtype, device, layout)
+    h, w = 5, 3  # 30 coarse pixels: two tiles of the interpreter's backward, one ragged
+    x = activation((N, c_in, h, w), dtype, device, layout)
     weight = torch.randn(c, c_in, device=device).to(dtype)
     gamma, beta = vector(c, dtype, device), vector(c, dtype, device)
     f = factor or 1
     up = torch.rand(c, 1, 2 * f, 2 * f, device=device).to(dtype) if factor else None
-    size = (N, c, P.upsampled_size(7, f), P.upsampled_size(5, f)) if factor else (N, c, 7, 5)
+    size = (N, c, P.upsampled_size(h, f), P.upsampled_size(w, f)) if factor else (N, c, h, w)
     skip = activation(size, dtype, device, "cl" if layout == "nchw" else "nchw")
     grad_out = activation(size, dtype, device, layout)
     args = [x, weight, gamma, beta, up, f, skip, grad_out]
-    out, mean, var = ida_up.ida_forward_train(x, weight, gamma, beta, 1e-5, up, f, skip)
-    ours = flat([out, mean, var, *ida_up.ida_backward_fused(grad_out, x, weight, gamma, beta, mean, var, 1e-5, up,
-                                                            f)])
-    ours = [t for t in ours if t is not None]
     same = [t for t in flat(_ida_step_primitives(*args)) if t.numel()]
     ref64 = [t for t in flat(_ida_step_primitives(*to64(args))) if t.numel()]
-    compare("fused IDA-Up training path", ours, same, ref64, dtype)
+    runs = {}
+    for chained in ("stored z", "recompute"):
+        monkeypatch.setattr(aggregation, "CHAINED_RECOMPUTE", chained == "recompute")
+        out, mean, var = ida_up.ida_forward_train(x, weight, gamma, beta, 1e-5, up, f, skip)
+        runs[chained] = [t for t in flat([out, mean, var, *ida_up.ida_backward_fused(
+            grad_out, x, weight, gamma, beta, mean, var, 1e-5, up, f)]) if t is not None]
+    compare("fused IDA-Up training path", runs["stored z"], same, ref64, dtype)
+    if device.type == "cpu":
+        for i, (a, b) in enumerate(zip(runs["stored z"], runs["recompute"])):
+            assert torch.equal(a, b), f"recompute: result {i} differs from the stored-z run's"
+    else:
+        compare("fused IDA-Up training path, recompute", runs["recompute"], same, ref64, dtype)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
