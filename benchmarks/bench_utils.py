@@ -1,9 +1,11 @@
 """Shared pieces of the benchmark suites: device and sizes, interleaved timing, memory, the result
 registry.
 
-Every benchmark test times all providers of one case, in both memory layouts, in ROUNDS interleaved
-rounds (each round runs every provider once, the order rotated by one place per round); peak
-memory likewise in MEMORY_ROUNDS rounds. The summary (bench_summary.py) pairs the figures round by
+Every benchmark test times all providers of one case, in both memory layouts, in interleaved
+rounds (each round runs every provider once, the order rotated by one place per round): at least
+MIN_ROUNDS, then more up to ROUNDS while some provider's per-round ratio to eager is still spread
+(interquartile range over NARROW of its median); peak memory likewise, MIN_MEMORY_ROUNDS to
+MEMORY_ROUNDS. The summary (bench_summary.py) pairs the figures round by
 round: ratios against eager in the same layout, median [q1–q3], met / MISSED / inconclusive.
 """
 import ctypes
@@ -14,6 +16,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 
+from bench_summary import spread
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 GPU = DEVICE.type == "cuda"
 # Sizes by device: the GPU targets are stated at batch 64 (ops) / 128 (models), 224 px, bf16; the
@@ -22,9 +26,13 @@ OP_BATCH, OP_IMAGE = (64, 224) if GPU else (8, 128)
 MODEL_BATCH, MODEL_IMAGE = (128, 224) if GPU else (8, 128)
 DTYPE = torch.bfloat16 if GPU else torch.float32
 LAYOUTS = {"NCHW": torch.contiguous_format, "channels_last": torch.channels_last}
-# At least 5 rounds, for the interquartile range to mean something.
-ROUNDS = 20 if GPU else 7
-MEMORY_ROUNDS = 3 if GPU else 5  # CUDA's allocator statistics repeat exactly; the CPU's RSS does not
+# At least 5 rounds, for the interquartile range to mean something; more only where it is wide.
+MIN_ROUNDS, ROUNDS = (10, 20) if GPU else (5, 7)
+# CUDA's allocator statistics repeat exactly; the CPU's RSS mostly, not always
+MIN_MEMORY_ROUNDS, MEMORY_ROUNDS = (3, 3) if GPU else (3, 5)
+# "Spread": an interquartile range over NARROW of the median. On the CPU half of all per-round
+# ratios spread 3-8% (2026-12-08 run), so 5% would add rounds to nearly every case.
+NARROW = 0.05 if GPU else 0.10
 
 RESULTS: List[Dict] = []
 # Kernel launches per forward + backward of an op (benchmarks/test_launches.py): dicts with group,
@@ -72,12 +80,12 @@ Fns = Dict[Tuple[str, str], Callable[[], object]]  # (layout, provider) -> one c
 
 
 def interleaved(benchmark, fns: Fns, inner: int) -> Dict[Tuple[str, str], List[float]]:
-    """Seconds per call of each fn, one figure per round, ROUNDS rounds. A round times `inner`
-    calls of every fn in turn (its provider's backend selected first, untimed; the device
-    synchronised before and after, so launches overlap as in training). pytest-benchmark times whole
-    rounds (benchmark.pedantic); with --benchmark-disable it runs one and the rest run here, so
-    the figures are the same either way. One untimed call of each fn first (compilation,
-    autotuning, allocator)."""
+    """Seconds per call of each fn, one figure per round, MIN_ROUNDS to ROUNDS rounds (settled).
+    A round times `inner` calls of every fn in turn (its provider's backend selected first,
+    untimed; the device synchronised before and after, so launches overlap as in training).
+    pytest-benchmark times the first MIN_ROUNDS (benchmark.pedantic); with --benchmark-disable it
+    runs one and the rest run here, so the figures are the same either way. One untimed call of
+    each fn first (compilation, autotuning, allocator)."""
     keys = list(fns)
     times = {k: [] for k in keys}
 
@@ -94,10 +102,23 @@ def interleaved(benchmark, fns: Fns, inner: int) -> Dict[Tuple[str, str], List[f
         select_backend(key[1])
         fns[key]()
     sync()
-    benchmark.pedantic(one_round, rounds=ROUNDS)
-    while len(times[keys[0]]) < ROUNDS:
+    benchmark.pedantic(one_round, rounds=MIN_ROUNDS)
+    while len(times[keys[0]]) < MIN_ROUNDS or (len(times[keys[0]]) < ROUNDS and not settled(times, True)):
         one_round()
     return times
+
+
+def settled(figures: Dict[Tuple[str, str], List[float]], inverse: bool) -> bool:
+    """Whether every provider's per-round ratio to eager in its layout (eager / provider when
+    `inverse`, times; provider / eager otherwise, memory) has an interquartile range within NARROW
+    of its median. A layout without eager: its providers' own figures."""
+    for (layout, provider), values in figures.items():
+        eager = figures.get((layout, "eager"))
+        ratios = [(e / v if inverse else v / e) if e and v else 0.0 for e, v in zip(eager, values)] if eager else values
+        s = spread(ratios)
+        if s.q3 - s.q1 > NARROW * abs(s.median):
+            return False
+    return True
 
 
 _libc = ctypes.CDLL("libc.so.6") if platform.system() == "Linux" else None
@@ -152,10 +173,13 @@ def peak_memory(fn: Callable[[], object]) -> Optional[int]:
 
 
 def interleaved_memory(fns: Fns) -> Optional[Dict[Tuple[str, str], List[int]]]:
-    """peak_memory of each fn, MEMORY_ROUNDS times, in rotated order as interleaved() does."""
+    """peak_memory of each fn, MIN_MEMORY_ROUNDS to MEMORY_ROUNDS times (settled), in rotated
+    order as interleaved() does."""
     keys = list(fns)
     peaks = {k: [] for k in keys}
     for r in range(MEMORY_ROUNDS):
+        if r >= MIN_MEMORY_ROUNDS and settled(peaks, False):
+            break
         for key in _rotated(keys, r):
             select_backend(key[1])
             peak = peak_memory(fns[key])
@@ -215,7 +239,8 @@ def environment() -> Dict[str, str]:
     import triton
     info = {"date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "triton": triton.__version__,
             "device": torch.cuda.get_device_name() if GPU else f"{_cpu_name()}, {os.cpu_count()} cores",
-            "dtype": str(DTYPE).replace("torch.", ""), "rounds": str(ROUNDS), "memory rounds": str(MEMORY_ROUNDS)}
+            "dtype": str(DTYPE).replace("torch.", ""), "rounds": f"{MIN_ROUNDS}-{ROUNDS}",
+            "memory rounds": f"{MIN_MEMORY_ROUNDS}-{MEMORY_ROUNDS}"}
     if GPU:
         info["copy_bandwidth_GBps"] = f"{copy_bandwidth() / 1e9:.0f}"
     return info

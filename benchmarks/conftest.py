@@ -9,7 +9,6 @@ bench_summary.py."""
 import json
 import os
 import sys
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, os.path.dirname(__file__))
 
+import bench_chart  # noqa: E402
 import bench_summary as bs  # noqa: E402
 import bench_utils as bu  # noqa: E402
 
@@ -43,44 +43,6 @@ def summarize(results):
     return (["environment: " + ", ".join(f"{k} {v}" for k, v in env.items())]
             + bs.summary(results, bu.DEVICE.type, memory_kind, bu.copy_bandwidth()) + bs.launch_table(bu.LAUNCHES)
             + bs.roofline_table(bu.ROOFLINE, results))
-
-
-def _chart(results, path):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    spreads = defaultdict(dict)
-    for (group, mode), cases in bs.grouped(results).items():
-        if mode not in ("fwd+bwd", "train step"):
-            continue
-        for case, layouts in cases.items():
-            for layout, row in layouts.items():
-                for p in row:
-                    s = bs.speed(row, p) if p != "eager" else None
-                    if s:
-                        spreads[f"{group}: {case}, {layout}"][p] = s
-    if not spreads:
-        return
-    labels = list(spreads)
-    providers = sorted({p for v in spreads.values() for p in v})
-    slot = len(providers) + 1
-    fig, ax = plt.subplots(figsize=(10, 0.3 * len(labels) * slot + 1.5))
-    for i, p in enumerate(providers):
-        got = [spreads[c].get(p, bs.Spread(0, 0, 0)) for c in labels]
-        ax.barh([j * slot + i for j in range(len(labels))], [s.median for s in got], label=p,
-                xerr=[[s.median - s.q1 for s in got], [s.q3 - s.median for s in got]])
-    ax.set_yticks([j * slot + (len(providers) - 1) / 2 for j in range(len(labels))])
-    ax.set_yticklabels(labels, fontsize=7)
-    ax.invert_yaxis()  # first case on top, as in the tables
-    ax.axvline(1.0, color="k", lw=0.8)
-    ax.set_xlabel("speed-up over same-layout eager, forward+backward / training step (median, IQR)")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
 
 
 def _write_results():
@@ -110,7 +72,7 @@ def pytest_terminal_summary(terminalreporter):
     if not bu.RESULTS and not bu.LAUNCHES and not bu.ROOFLINE:
         return
     lines = _write_results()
-    _chart(bu.RESULTS, os.path.join(OUT, "chart.png"))
+    bench_chart.chart(bu.RESULTS, os.path.join(OUT, "chart.png"))
     terminalreporter.write_sep("=", "dla_fused benchmark summary")
     for line in lines:
         terminalreporter.write_line(line)

@@ -5,6 +5,8 @@ them in interleaved rounds (bench_utils.interleaved). Eager's record lists the n
 parts (aggregation nodes, IDA-Up steps) as op benchmark cases, for the share of its step they take
 (bench_summary.shares). Then inference: eval mode under torch.inference_mode, at the sizes
 CenterNet-style and segmentation models are deployed at."""
+import copy
+import functools
 import os
 
 import pytest
@@ -122,10 +124,17 @@ def test_training_step_untuned(benchmark, name, batch, size):
 OTHER_NETWORKS = ["hgnetv2_b0", "ese_vovnet19b_dw", "cspdarknet53", "cs3darknet_s"]
 
 
-def _timm_step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MODEL_IMAGE, bu.MODEL_IMAGE)):
+@functools.lru_cache(maxsize=1)
+def _timm_model(name):
+    """timm's `name` with seeded random weights, built once per network (copies serve each provider)."""
     timm = pytest.importorskip("timm")
     torch.manual_seed(0)
-    model = timm.create_model(name, pretrained=False, num_classes=1000)
+    return timm.create_model(name, pretrained=False, num_classes=1000)
+
+
+def _timm_step(name, provider, memory_format, batch=bu.MODEL_BATCH, size=(bu.MODEL_IMAGE, bu.MODEL_IMAGE)):
+    model = copy.deepcopy(_timm_model(name))
+    torch.manual_seed(0)  # the same images for every provider
     if provider.startswith("fused"):
         dla_fused.fuse(model)
         if bu.lean(provider):

@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 
+import bench_summary as bs
 import bench_utils as bu
 from dla_fused import models
 from dla_fused.ops.aggregation import aggregation_node, aggregation_node_reference
@@ -159,9 +160,10 @@ def _timed(mode, call, inputs):
 
 
 # Not an implementation: eager's matrix products alone (its 1x1 convolution forward, and its
-# backward for fwd+bwd, on the concatenated input made beforehand), timed like the providers.
-# eager time / its time bounds what any fusion that runs the products at oneDNN's speed can gain.
-GEMMS = "eager GEMMs only"
+# backward for fwd+bwd, on the concatenated input made beforehand; the IDA-Up step's projection),
+# timed like the providers. eager time / its time bounds what any fusion that runs the products at
+# oneDNN's speed can gain; the summary prints it beside the fused ratios, as the op cases' bound.
+GEMMS = bs.GEMMS
 
 
 def _measure(benchmark, group, case, mode, calls, min_bytes, gemms=None):
@@ -187,12 +189,12 @@ def _measure(benchmark, group, case, mode, calls, min_bytes, gemms=None):
         bu.record(group, case, key[0], mode, GEMMS, times[key])
 
 
-def _eager_gemms(mode, children, weight):
-    """Eager's matrix products of the node alone, for `mode` (fwd+bwd or eval), or None."""
+def _eager_gemms(mode, x, weight):
+    """Eager's 1x1 convolution of x (the node's concatenated children, the step's input) by weight
+    alone, for `mode` (fwd+bwd or eval), or None."""
     if mode not in ("fwd+bwd", "eval"):
         return None
-    x = torch.cat([c.detach() for c in children], dim=1)
-    w = weight.detach()
+    x, w = x.detach(), weight.detach()
     grad = torch.randn((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), device=x.device, dtype=x.dtype)
     grad = grad.contiguous(memory_format=memory_format_of(x))
 
@@ -211,7 +213,7 @@ def test_aggregation_node(benchmark, case, mode):
     calls, gemms = {}, {}
     for layout, memory_format in bu.LAYOUTS.items():
         children, weight = _agg_inputs(case, memory_format)[:2]
-        bound = _eager_gemms(mode, children, weight)
+        bound = _eager_gemms(mode, torch.cat([c.detach() for c in children], dim=1), weight)
         if bound is not None:
             gemms[layout] = bound
         for provider in _providers(with_lean=mode != "eval"):
@@ -253,8 +255,12 @@ def _ida_inputs(case, layout):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("case", list(ida_cases()))
 def test_ida_up_step(benchmark, case, mode):
-    calls = {}
+    calls, gemms = {}, {}
     for layout, memory_format in bu.LAYOUTS.items():
+        args = _ida_inputs(case, memory_format)[0]
+        bound = _eager_gemms(mode, args["x"], args["proj_weight"]) if "proj_weight" in args else None
+        if bound is not None:  # (steps without a projection have no product to bound them)
+            gemms[layout] = bound
         for provider in _providers(with_lean=False):
             args, factor, inputs, min_bytes = _ida_inputs(case, memory_format)
             fn = _op(provider, ida_up_reference, ida_up)
@@ -263,4 +269,4 @@ def test_ida_up_step(benchmark, case, mode):
                 args.get("running_mean"), args.get("running_var"), None, mode != "eval", 0.1, 1e-5,
                 args["up_weight"], factor, args.get("skip")), inputs)
     benchmark.group = f"ida {case} {mode}"
-    _measure(benchmark, "IDA-Up step", case, mode, calls, min_bytes)
+    _measure(benchmark, "IDA-Up step", case, mode, calls, min_bytes, gemms)
