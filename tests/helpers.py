@@ -1,5 +1,9 @@
-"""Shared test utilities: backends to run, tolerances, DLA root shapes."""
+"""Shared test utilities: backends to run, tolerances, DLA root shapes, the command line in-process."""
+import contextlib
 import functools
+import io
+import subprocess
+import sys
 
 import torch
 
@@ -125,3 +129,18 @@ def dla_root_shapes():
         for h in hooks:
             h.remove()
     return sorted(found)
+
+
+def cli_in_process(*args):
+    """`python -m dla_fused ARGS` run by its main() in this process (no interpreter start-up, no
+    second import of torch): return code, stdout and stderr as _cli gives them."""
+    from dla_fused.__main__ import main
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            code = main(list(args))
+        except SystemExit as e:  # argparse's errors, and sys.exit(message) as Python reports it
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+            code = 1 if isinstance(e.code, str) else e.code or 0
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())

@@ -74,13 +74,13 @@ def check_against_reference(children, params, buffers, training, residual, momen
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)
-def test_every_dla_root_shape(backend_name):
+@pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
+def test_every_dla_root_shape(backend_name, training):
     """All distinct roots of the ten DLA variants (spatially shrunk), training and eval."""
     use_backend(backend_name)
     for channels, out, residual in dla_root_shapes():
         children, params, buffers = make_inputs(channels, out, size=(3, 2))
-        for training in (True, False):
-            check_against_reference(children, params, buffers, training, residual)
+        check_against_reference(children, params, buffers, training, residual)
 
 
 @pytest.mark.parametrize("backend_name", CPU_BACKENDS)

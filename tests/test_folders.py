@@ -17,6 +17,7 @@ from dla_fused.folders import ClassificationFolder, DataError, SegmentationFolde
 from dla_fused.models import create_model
 from dla_fused.models.dla import unused_projects
 from dla_fused.train import TrainConfig, _build_model, _default_workers, build_parser, train
+from helpers import cli_in_process
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(image_size=32, batch_size=4, lr=0.01, log_every=1, quiet=True, device="cpu")
@@ -411,10 +412,12 @@ def test_pretrained_is_logged(tmp_path):
 
 
 # --------------------------------------------------------------------------------------------- README
-def test_readme_fine_tuning_examples_run(tmp_path):
+def test_readme_fine_tuning_examples_run(tmp_path, monkeypatch):
     """The README's fine-tuning commands, run as written in a folder holding the files they name
     (a checkpoint in the original release's layout, with random weights, and small image
-    folders), with settings appended that make them take seconds: one epoch, one step, 32 px."""
+    folders), with settings appended that make them take seconds: one epoch, one step, 32 px.
+    Through main() in this process (test_train.py runs `python -m dla_fused` itself)."""
+    monkeypatch.chdir(tmp_path)
     with open(os.path.join(ROOT, "README.md")) as f:
         readme = f.read()
     commands = [c for c in re.findall(r"^python -m dla_fused train .*$", readme, flags=re.M) if "--pretrained" in c]
@@ -428,10 +431,8 @@ def test_readme_fine_tuning_examples_run(tmp_path):
         if not (tmp_path / data).exists():
             (make_segmentation_folder if "--task" in args and "seg" in args else make_classification_folder)(
                 str(tmp_path / data))
-        r = subprocess.run([sys.executable, "-m", "dla_fused", "train", *args, "--epochs", "1",
-                            "--steps-per-epoch", "1", "--image-size", "32", "--batch-size", "2", "--quiet"],
-                           capture_output=True, text=True, timeout=600, cwd=tmp_path,
-                           env=dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")))
+        r = cli_in_process("train", *args, "--epochs", "1", "--steps-per-epoch", "1", "--image-size", "32",
+                           "--batch-size", "2", "--quiet")
         assert r.returncode == 0, (command, r.stderr[-3000:])
         assert "pretrained" in r.stderr and json.loads(r.stdout.strip().splitlines()[-1])["steps"] == 1
 

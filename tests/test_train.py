@@ -1,7 +1,5 @@
 """The training entry point: equivalence of fused and reference training, exact resume,
 synchronised DDP, command-line behaviour."""
-import contextlib
-import io
 import json
 import os
 import socket
@@ -15,6 +13,7 @@ import torch.multiprocessing as mp
 
 from dla_fused.train import TrainConfig, load_training_checkpoint, train
 from dla_fused.checkpoint import CheckpointError
+from helpers import cli_in_process as _cli_in_process
 
 SMALL = dict(model="dla34", image_size=32, batch_size=8, num_samples=64, lr=0.01, log_every=1, quiet=True,
              device="cpu")
@@ -199,21 +198,6 @@ def _cli(*args, timeout=600):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.run([sys.executable, "-m", "dla_fused", *args], capture_output=True, text=True,
                           timeout=timeout, env=env)
-
-
-def _cli_in_process(*args):
-    """`python -m dla_fused ARGS` run by its main() in this process (no interpreter start-up, no
-    second import of torch): return code, stdout and stderr as _cli gives them."""
-    from dla_fused.__main__ import main
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            code = main(list(args))
-        except SystemExit as e:  # argparse's errors, and sys.exit(message) as Python reports it
-            if isinstance(e.code, str):
-                print(e.code, file=sys.stderr)
-            code = 1 if isinstance(e.code, str) else e.code or 0
-    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
 
 
 @pytest.mark.parametrize("extra", [
