@@ -18,6 +18,7 @@
     with autograd off, as prepacked oneDNN convolutions with BN folded in.
 `unfuse(model)` restores the original modules and methods.
 """
+import inspect
 from typing import Optional
 
 import torch
@@ -39,13 +40,28 @@ _STEPS = "_dla_fused_steps"
 class _Method:
     """`function` bound to one module instance, set as an instance attribute by `fuse`. Unlike a
     types.MethodType it survives pickling (torch.save of a whole model) and copy.deepcopy: the
-    function is saved by its qualified name, the module through pickle's memo."""
+    function is saved by its qualified name, the module through pickle's memo. It shows what a
+    bound method shows of its function (code, name, signature without the module), which
+    torch.export reads from a model's forward."""
 
     def __init__(self, function, module: nn.Module):
         self.function, self.module = function, module
 
     def __call__(self, *args, **kwargs):
         return self.function(self.module, *args, **kwargs)
+
+    @property
+    def __code__(self):
+        return self.function.__code__
+
+    @property
+    def __name__(self):
+        return self.function.__name__
+
+    @property
+    def __signature__(self):
+        signature = inspect.signature(self.function)
+        return signature.replace(parameters=list(signature.parameters.values())[1:])
 
 
 def _root_like(module: nn.Module) -> Optional[bool]:

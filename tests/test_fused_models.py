@@ -133,6 +133,43 @@ def test_compile_a_fused_model():
                  f"compiled grad {key}", rel=1e-8)
 
 
+def _tensors(out):
+    return list(out) if isinstance(out, tuple) else (list(out[0].values()) if isinstance(out, list) else [out])
+
+
+EXPORT_CASES = [("dla46_c", "cpu", dict(num_classes=4)), ("dla34up", "cpu", dict(num_classes=3)),
+                ("centernet_dla34", "cpu", {}), ("dla34", "auto", {})]
+
+
+@pytest.mark.parametrize("name, backend_name, kwargs", EXPORT_CASES, ids=[f"{n}-{b}" for n, b, _ in EXPORT_CASES])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_export_of_a_fused_model(name, backend_name, kwargs, training):
+    """torch.export.export of a fused model (float64), eval and training. With the C++ kernels
+    active the fused ops are in the exported graph (their fakes give the shapes); with the default
+    (`auto`, the ops unfused on the CPU) the model exports as well. The exported program computes
+    the model's outputs and, in training, moves the running statistics as the model does. (The
+    methods fuse() attaches show export a bound method's code and signature.)"""
+    use_backend(backend_name)
+    torch.manual_seed(0)
+    model = dla_fused.create_model(name, **kwargs).double().train(training)
+    eager, before = copy.deepcopy(model), copy.deepcopy(model)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    program = torch.export.export(model, (x,))
+    ops = {str(n.target).split(".")[1] for n in program.graph.nodes
+           if n.op == "call_function" and str(n.target).startswith("dla_fused.")}
+    if backend_name == "cpu":
+        assert ops == ({"aggregation_node"} if name.startswith("dla46") else {"aggregation_node", "ida_up"})
+    exported = program.module()
+    for a, b in zip(_tensors(exported(x)), _tensors(eager(x)), strict=True):
+        assert_close(a, b, f"exported {name}", rel=1e-10)
+    buffers = dict(exported.named_buffers())
+    moved = 0
+    for key, b in eager.named_buffers():
+        assert torch.equal(buffers[key], b), key
+        moved += key.endswith("running_mean") and not torch.equal(b, before.get_buffer(key))
+    assert (moved > 0) == training
+
+
 def test_set_memory_efficient_on_a_model():
     """The model-wide switch reaches every fused root; recomputing saves fewer bytes than keeping
     the conv output, and both give the same gradients."""

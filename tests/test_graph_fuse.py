@@ -432,6 +432,26 @@ def test_compile_fullgraph_over_a_model_fused_from_a_trace():
         assert_close(p.grad, ref_params[key].grad, f"compiled grad {key}")
 
 
+@pytest.mark.parametrize("owner", ["top", "nested"])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_torch_export_of_a_model_fused_from_a_trace(training, owner):
+    """torch.export.export over the forward fuse() gives a traced model (the exported module's
+    own, "top", or a submodule's): the fused node is in the exported graph, and the program
+    computes the reference's output and running statistics."""
+    use_backend("cpu")
+    ref = _fresh(Node(residual=True) if owner == "top" else Net(residual=True)).train(training)
+    fused = dla_fused.fuse(copy.deepcopy(ref))
+    x = torch.randn(2, 3, 5, 7, dtype=torch.float64)
+    inputs = (torch.randn(2, 5, 5, 7, dtype=torch.float64), x) if owner == "top" else (x,)
+    program = torch.export.export(fused, inputs)
+    assert any(str(n.target).startswith("dla_fused.aggregation_node") for n in program.graph.nodes)
+    exported = program.module()
+    assert_close(exported(*inputs), ref(*inputs), "exported output")
+    buffers = dict(exported.named_buffers())
+    for key, b in ref.named_buffers():
+        assert_close(buffers[key].double(), b.double(), f"exported {key}")
+
+
 # ---------------------------------------------------------------------------------------------
 # IDA-Up steps in DLA-Up and CenterNet networks written as other codebases write them
 # ---------------------------------------------------------------------------------------------
