@@ -13,6 +13,12 @@ from dla_fused.ops.aggregation import AggregationNode
 from helpers import assert_close, assert_same_grads_and_buffers, assert_within_rule, use_backend
 
 
+def _tensors(out):
+    """A model's output as a list of tensors: a classifier's, DLA-Up's (a tuple), CenterNet's
+    (a list holding a dict of heads)."""
+    return list(out) if isinstance(out, tuple) else (list(out[0].values()) if isinstance(out, list) else [out])
+
+
 def _compare(name, size=(32, 32), batch=4, backend_name="cpu", **kwargs):
     use_backend(backend_name)
     torch.manual_seed(0)
@@ -22,8 +28,7 @@ def _compare(name, size=(32, 32), batch=4, backend_name="cpu", **kwargs):
     x = torch.randn(batch, 3, *size, dtype=torch.float64)
     outputs = []
     for model in (ref, fused):
-        out = model(x)
-        tensors = out if isinstance(out, tuple) else (list(out[0].values()) if isinstance(out, list) else [out])
+        tensors = _tensors(model(x))
         sum(t.float().square().mean() for t in tensors).backward()
         outputs.append(tensors)
     for a, b in zip(*outputs):
@@ -131,10 +136,6 @@ def test_compile_a_fused_model():
     key = "level2.root.conv.weight"
     assert_close(dict(model.named_parameters())[key].grad, dict(eager.named_parameters())[key].grad,
                  f"compiled grad {key}", rel=1e-8)
-
-
-def _tensors(out):
-    return list(out) if isinstance(out, tuple) else (list(out[0].values()) if isinstance(out, list) else [out])
 
 
 EXPORT_CASES = [("dla46_c", "cpu", dict(num_classes=4)), ("dla34up", "cpu", dict(num_classes=3)),

@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 
 from dla_fused.train import TrainConfig, load_training_checkpoint, train
 from dla_fused.checkpoint import CheckpointError
-from helpers import cli_in_process as _cli_in_process
+from helpers import cli_in_process
 
 SMALL = dict(model="dla34", image_size=32, batch_size=8, num_samples=64, lr=0.01, log_every=1, quiet=True,
              device="cpu")
@@ -208,7 +208,7 @@ def _cli(*args, timeout=600):
 ], ids=["cls-amp-cl", "cls-reference", "seg-dla34up", "seg-centernet"])
 def test_cli_smoke(tmp_path, extra):
     """Each case through main() in this process; the first also as `python -m dla_fused`."""
-    run = _cli if "--amp" in extra else _cli_in_process
+    run = _cli if "--amp" in extra else cli_in_process
     r = run("train", "--epochs", "1", "--steps-per-epoch", "2", "--batch-size", "4", "--image-size", "32",
             "--num-samples", "16", "--out", str(tmp_path), *extra)
     assert r.returncode == 0, r.stderr[-2000:]
@@ -220,14 +220,14 @@ def test_cli_smoke(tmp_path, extra):
 
 def test_cli_rejects_bad_arguments(tmp_path):
     """Through main() in this process; the first case also as `python -m dla_fused`."""
-    for run in (_cli, _cli_in_process):
+    for run in (_cli, cli_in_process):
         r = run("train", "--model", "resnet50", "--out", str(tmp_path))
         assert r.returncode != 0 and "unknown" in r.stderr
-    r = _cli_in_process("train", "--image-size", "50", "--out", str(tmp_path))
+    r = cli_in_process("train", "--image-size", "50", "--out", str(tmp_path))
     assert r.returncode != 0 and "multiple of 32" in r.stderr
-    r = _cli_in_process("train", "--task", "seg", "--model", "dla34", "--out", str(tmp_path))
+    r = cli_in_process("train", "--task", "seg", "--model", "dla34", "--out", str(tmp_path))
     assert r.returncode != 0 and "dense model" in r.stderr
     corrupt = tmp_path / "last.pt"
     corrupt.write_bytes(b"PK\x03\x04 truncated")
-    r = _cli_in_process("train", "--resume", str(corrupt), "--out", str(tmp_path))
+    r = cli_in_process("train", "--resume", str(corrupt), "--out", str(tmp_path))
     assert r.returncode == 2 and "truncated or corrupt" in r.stderr
